@@ -1,0 +1,614 @@
+//! The gateway's state machine: who is registered, control sessions, one-time tokens, and
+//! pairing public clients with data connections (`spec/protocol.md`, "Gateway states").
+//!
+//! One [`Gateway`] serves every control connection and every public client of a gateway
+//! process. The runtime assigns [`ConnId`]s to control connections and [`ClientId`]s to waiting
+//! clients, feeds events in with `handle_*`, then drains [`Gateway::poll_output`] until `None`
+//! and sleeps until [`Gateway::poll_timeout`].
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::crypto::{ct_eq, PasswordKey, SessionKeys};
+use crate::drbg::Drbg;
+use crate::error::ErrorCode;
+use crate::timing::Timing;
+use crate::wire::{
+    Connect, DataHello, ErrorFrame, FrameDecoder, Hello, Message, Welcome, WireError,
+};
+
+/// A control connection, numbered by the runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ConnId(pub u64);
+
+/// A public client waiting for its data connection, numbered by the runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ClientId(pub u64);
+
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub password_key: PasswordKey,
+    pub data_tls: bool,
+    /// Clients waiting for a data connection at once; more are refused as overloaded.
+    pub max_pending: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub timing: Timing,
+    pub services: Vec<ServiceConfig>,
+}
+
+/// Something the runtime must do, or may log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GatewayOutput {
+    /// Write these bytes to the control connection.
+    Transmit { conn: ConnId, bytes: Vec<u8> },
+    /// Flush what was transmitted so far, then close the control connection.
+    Close { conn: ConnId },
+    /// Close this waiting client: it will not be paired.
+    ClientFailed { client: ClientId, code: ErrorCode, reason: String },
+    /// For logs and metrics.
+    Event(GatewayEvent),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GatewayEvent {
+    Registered { conn: ConnId, peer: SocketAddr, service: String, session_id: u64, software: String },
+    /// A control connection was refused or dropped; `service` when known.
+    Rejected { conn: ConnId, peer: SocketAddr, service: Option<String>, code: ErrorCode, reason: String },
+    SessionEnded { conn: ConnId, service: String, session_id: u64, reason: String },
+}
+
+/// Why a public client could not be served.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientReject {
+    #[error("unknown service {0:?}")]
+    UnknownService(String),
+    #[error("no agent is connected for service {0:?}")]
+    AgentOffline(String),
+    #[error("service {service:?} already has {pending} clients waiting for the agent")]
+    Overloaded { service: String, pending: usize },
+}
+
+/// Why a data connection was refused; `code` goes back to the agent in an ERROR frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct DataReject {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// A redeemed token: pair the data connection with this client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paired {
+    pub client: ClientId,
+    pub service: String,
+    pub session_id: u64,
+    pub request_id: u64,
+}
+
+#[derive(Debug)]
+struct Service {
+    cfg: ServiceConfig,
+    /// The control connection currently registered for this service.
+    session: Option<ConnId>,
+    pending: usize,
+}
+
+#[derive(Debug)]
+enum ConnState {
+    AwaitHello { deadline: Instant },
+    Registered(Session),
+}
+
+#[derive(Debug)]
+struct Session {
+    service: String,
+    session_id: u64,
+    keys: SessionKeys,
+    /// Settings the session registered with; they stay until it ends, whatever reloads do.
+    timing: Timing,
+    data_tls: bool,
+}
+
+#[derive(Debug)]
+struct Conn {
+    peer: SocketAddr,
+    exporter: [u8; 32],
+    decoder: FrameDecoder,
+    state: ConnState,
+    last_rx: Instant,
+    last_tx: Instant,
+    /// The deadline this connection has an entry for in the timer heap.
+    scheduled: Instant,
+}
+
+#[derive(Debug)]
+struct Pending {
+    client: ClientId,
+    service: String,
+    session_id: u64,
+    conn: ConnId,
+    token: [u8; 32],
+    expires: Instant,
+}
+
+pub struct Gateway {
+    timing: Timing,
+    services: BTreeMap<String, Service>,
+    conns: BTreeMap<ConnId, Conn>,
+    pending: BTreeMap<u64, Pending>,
+    clients: BTreeMap<ClientId, u64>,
+    conn_timers: BinaryHeap<Reverse<(Instant, ConnId)>>,
+    token_timers: BinaryHeap<Reverse<(Instant, u64)>>,
+    outputs: VecDeque<GatewayOutput>,
+    rng: Drbg,
+    next_session: u64,
+    last_now: Option<Instant>,
+}
+
+impl Gateway {
+    /// `seed` must come from a cryptographically secure source: tokens, nonces and request
+    /// ids are drawn from it.
+    pub fn new(config: GatewayConfig, seed: [u8; 32]) -> Self {
+        let mut rng = Drbg::new(seed);
+        // Session ids start at a random point so that ids from before a restart never match.
+        let next_session = u64::from_be_bytes(rng.array()) >> 1;
+        let mut g = Gateway {
+            timing: config.timing,
+            services: BTreeMap::new(),
+            conns: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            clients: BTreeMap::new(),
+            conn_timers: BinaryHeap::new(),
+            token_timers: BinaryHeap::new(),
+            outputs: VecDeque::new(),
+            rng,
+            next_session,
+            last_now: None,
+        };
+        for s in config.services {
+            g.services.insert(s.name.clone(), Service { cfg: s, session: None, pending: 0 });
+        }
+        g
+    }
+
+    pub fn timing(&self) -> Timing {
+        self.timing
+    }
+
+    /// Whether an agent is registered for `service` right now.
+    pub fn is_online(&self, service: &str) -> bool {
+        self.services.get(service).is_some_and(|s| s.session.is_some())
+    }
+
+    pub fn pending_clients(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn control_connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// A TLS control connection completed its handshake (and its preamble was read).
+    /// `exporter` is the TLS exporter value the proofs are bound to.
+    pub fn handle_control_open(&mut self, now: Instant, conn: ConnId, peer: SocketAddr, exporter: [u8; 32]) {
+        self.touch(now);
+        let deadline = now + self.timing.handshake_timeout;
+        self.conns.insert(
+            conn,
+            Conn {
+                peer,
+                exporter,
+                decoder: FrameDecoder::new(),
+                state: ConnState::AwaitHello { deadline },
+                last_rx: now,
+                last_tx: now,
+                scheduled: deadline,
+            },
+        );
+        self.conn_timers.push(Reverse((deadline, conn)));
+    }
+
+    /// Bytes read from a control connection (decrypted).
+    pub fn handle_control_input(&mut self, now: Instant, conn: ConnId, mut input: &[u8]) {
+        self.touch(now);
+        while !input.is_empty() {
+            let Some(c) = self.conns.get_mut(&conn) else { return };
+            c.last_rx = now;
+            match c.decoder.decode(&mut input) {
+                Ok(Some(m)) => self.on_message(now, conn, m),
+                Ok(None) => return,
+                Err(e) => {
+                    let code = match e {
+                        WireError::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
+                        _ => ErrorCode::Malformed,
+                    };
+                    self.close(conn, Some(code), e.to_string());
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The control connection is gone (EOF, error, or closed after [`GatewayOutput::Close`]).
+    pub fn handle_control_closed(&mut self, now: Instant, conn: ConnId) {
+        self.touch(now);
+        self.close(conn, None, "connection closed by the agent".into());
+    }
+
+    /// A public client arrived for `service`. On success a CONNECT goes to the agent, and the
+    /// client is later either paired by [`Gateway::handle_data_hello`] or failed by a
+    /// [`GatewayOutput::ClientFailed`].
+    pub fn handle_client(
+        &mut self,
+        now: Instant,
+        client: ClientId,
+        service: &str,
+        client_addr: Option<SocketAddr>,
+        public_addr: Option<SocketAddr>,
+    ) -> Result<(), ClientReject> {
+        self.touch(now);
+        let svc = self
+            .services
+            .get(service)
+            .ok_or_else(|| ClientReject::UnknownService(service.to_owned()))?;
+        let conn_id = svc.session.ok_or_else(|| ClientReject::AgentOffline(service.to_owned()))?;
+        if svc.pending >= svc.cfg.max_pending {
+            return Err(ClientReject::Overloaded { service: service.to_owned(), pending: svc.pending });
+        }
+        let Some(Conn { state: ConnState::Registered(session), .. }) = self.conns.get(&conn_id) else {
+            return Err(ClientReject::AgentOffline(service.to_owned()));
+        };
+        let session_id = session.session_id;
+        let ttl = session.timing.token_ttl;
+        let mut request_id = 0;
+        while request_id == 0 || self.pending.contains_key(&request_id) {
+            request_id = u64::from_be_bytes(self.rng.array());
+        }
+        let random: [u8; 16] = self.rng.array();
+        let token = session.keys.data_token(session_id, request_id, service, &random);
+        let expires = now + ttl;
+        self.pending.insert(
+            request_id,
+            Pending { client, service: service.to_owned(), session_id, conn: conn_id, token, expires },
+        );
+        self.clients.insert(client, request_id);
+        self.token_timers.push(Reverse((expires, request_id)));
+        if let Some(s) = self.services.get_mut(service) {
+            s.pending += 1;
+        }
+        let msg = Message::Connect(Connect { request_id, token, client: client_addr, public: public_addr });
+        self.transmit(now, conn_id, &msg);
+        Ok(())
+    }
+
+    /// The waiting client hung up before it was paired; its token dies with it.
+    pub fn handle_client_gone(&mut self, now: Instant, client: ClientId) {
+        self.touch(now);
+        if let Some(request_id) = self.clients.remove(&client) {
+            self.remove_pending(request_id);
+        }
+    }
+
+    /// A data connection presented its hello. The token is deleted by this call whatever the
+    /// outcome, so it can never be tried twice. `tls` says whether the connection is under TLS.
+    pub fn handle_data_hello(&mut self, now: Instant, hello: &DataHello, tls: bool) -> Result<Paired, DataReject> {
+        self.touch(now);
+        let reject = |code, message: &str| DataReject { code, message: message.to_owned() };
+        let Some(p) = self.remove_pending(hello.request_id) else {
+            return Err(reject(ErrorCode::TokenInvalid, "unknown request: token already used, expired or never issued"));
+        };
+        let fail = |g: &mut Gateway, code: ErrorCode, message: &str| {
+            g.outputs.push_back(GatewayOutput::ClientFailed { client: p.client, code, reason: format!("data connection refused: {message}") });
+            Err(reject(code, message))
+        };
+        if !ct_eq(&p.token, &hello.token) || p.service != hello.service || p.session_id != hello.session_id {
+            return fail(self, ErrorCode::TokenInvalid, "token does not match this request");
+        }
+        if now >= p.expires {
+            return fail(self, ErrorCode::TokenExpired, "token expired");
+        }
+        let live = self.services.get(&p.service).and_then(|s| s.session) == Some(p.conn);
+        let Some(Conn { state: ConnState::Registered(session), .. }) = self.conns.get(&p.conn) else {
+            return fail(self, ErrorCode::SessionGone, "the control session that issued this token has ended");
+        };
+        if !live || session.session_id != p.session_id {
+            return fail(self, ErrorCode::SessionGone, "the control session that issued this token has ended");
+        }
+        if session.data_tls && !tls {
+            return fail(self, ErrorCode::DataTlsRequired, "this service requires data connections under TLS");
+        }
+        Ok(Paired { client: p.client, service: p.service, session_id: p.session_id, request_id: hello.request_id })
+    }
+
+    /// Run every timer that is due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.touch(now);
+        while let Some(&Reverse((at, conn))) = self.conn_timers.peek() {
+            if at > now {
+                break;
+            }
+            self.conn_timers.pop();
+            match self.conns.get(&conn) {
+                Some(c) if c.scheduled == at => self.run_conn_timers(now, conn),
+                _ => {} // stale entry: the connection is gone or was rescheduled
+            }
+        }
+        while let Some(&Reverse((at, request_id))) = self.token_timers.peek() {
+            if at > now {
+                break;
+            }
+            self.token_timers.pop();
+            if self.pending.get(&request_id).is_some_and(|p| p.expires <= now) {
+                if let Some(p) = self.remove_pending(request_id) {
+                    let reason = format!("the agent did not dial back within {}", fmt_duration(self.ttl_of(&p)));
+                    self.outputs.push_back(GatewayOutput::ClientFailed { client: p.client, code: ErrorCode::TokenExpired, reason });
+                }
+            }
+        }
+        // Redeemed tokens leave stale heap entries behind; keep the heap proportional.
+        if self.token_timers.len() > 2 * self.pending.len() + 64 {
+            self.token_timers = self.pending.iter().map(|(id, p)| Reverse((p.expires, *id))).collect();
+        }
+    }
+
+    /// The next deadline, or the last `now` while outputs are still queued, so a driver never
+    /// sleeps with work pending.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if !self.outputs.is_empty() {
+            return self.last_now;
+        }
+        let c = self.conn_timers.peek().map(|Reverse((t, _))| *t);
+        let t = self.token_timers.peek().map(|Reverse((t, _))| *t);
+        match (c, t) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    #[must_use]
+    pub fn poll_output(&mut self) -> Option<GatewayOutput> {
+        self.outputs.pop_front()
+    }
+
+    fn touch(&mut self, now: Instant) {
+        self.last_now = Some(self.last_now.map_or(now, |l| l.max(now)));
+    }
+
+    fn ttl_of(&self, p: &Pending) -> Duration {
+        match self.conns.get(&p.conn) {
+            Some(Conn { state: ConnState::Registered(s), .. }) => s.timing.token_ttl,
+            _ => self.timing.token_ttl,
+        }
+    }
+
+    fn remove_pending(&mut self, request_id: u64) -> Option<Pending> {
+        let p = self.pending.remove(&request_id)?;
+        self.clients.remove(&p.client);
+        if let Some(s) = self.services.get_mut(&p.service) {
+            s.pending = s.pending.saturating_sub(1);
+        }
+        Some(p)
+    }
+
+    fn transmit(&mut self, now: Instant, conn: ConnId, msg: &Message) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.last_tx = now;
+            self.outputs.push_back(GatewayOutput::Transmit { conn, bytes: msg.to_frame() });
+        }
+    }
+
+    fn on_message(&mut self, now: Instant, conn: ConnId, m: Message) {
+        let Some(c) = self.conns.get(&conn) else { return };
+        match (&c.state, m) {
+            (ConnState::AwaitHello { .. }, Message::Hello(h)) => self.on_hello(now, conn, h),
+            (ConnState::Registered(_), Message::Heartbeat) => {}
+            (ConnState::Registered(_), Message::Ignorable(_)) => {}
+            (ConnState::Registered(_), Message::ConnectFailed(f)) => {
+                // Only the session that was asked may fail a request.
+                let mine = self.pending.get(&f.request_id).is_some_and(|p| p.conn == conn);
+                if mine {
+                    if let Some(p) = self.remove_pending(f.request_id) {
+                        let reason = format!("agent could not serve the client: {}: {}", f.code, f.message);
+                        self.outputs.push_back(GatewayOutput::ClientFailed { client: p.client, code: f.code, reason });
+                    }
+                }
+            }
+            (_, Message::Error(e)) => {
+                self.close(conn, None, format!("agent sent error {}: {}", e.code, e.message));
+            }
+            (_, m) => {
+                let reason = format!("unexpected {} on a control connection", m.name());
+                self.close(conn, Some(ErrorCode::UnexpectedMessage), reason);
+            }
+        }
+    }
+
+    fn on_hello(&mut self, now: Instant, conn: ConnId, h: Hello) {
+        let Some(c) = self.conns.get(&conn) else { return };
+        let (peer, exporter) = (c.peer, c.exporter);
+        let svc = self.services.get(&h.service);
+        let keys = svc.map(|s| SessionKeys::derive(&s.cfg.password_key, &exporter));
+        let proof_ok = keys.as_ref().is_some_and(|k| ct_eq(&k.agent_proof(&h.service, &h.agent_nonce), &h.proof));
+        let (Some(svc), Some(keys), true) = (svc, keys, proof_ok) else {
+            let reason = if svc.is_none() { "unknown service" } else { "wrong password proof" };
+            self.reject(conn, peer, Some(h.service), ErrorCode::AuthFailed, reason,
+                "authentication failed: unknown service or wrong password");
+            return;
+        };
+        if let Some(existing) = svc.session {
+            let since = self.conns.get(&existing).map(|c| now.saturating_duration_since(c.last_rx));
+            let detail = match (since, self.conns.get(&existing)) {
+                (Some(quiet), Some(c)) => format!(
+                    "service {:?} already has a live agent (from {}, last heard {} ago); a new one is accepted once it has been silent for dead_after",
+                    h.service, c.peer, fmt_duration(quiet)
+                ),
+                _ => format!("service {:?} already has a live agent", h.service),
+            };
+            self.reject(conn, peer, Some(h.service), ErrorCode::AlreadyRegistered, "already registered", &detail);
+            return;
+        }
+        let session_id = self.next_session;
+        self.next_session = self.next_session.wrapping_add(1);
+        let gateway_nonce: [u8; 32] = self.rng.array();
+        let proof = keys.gateway_proof(&h.service, &h.agent_nonce, &gateway_nonce, &h.proof, session_id);
+        let timing = self.timing;
+        let data_tls = svc.cfg.data_tls;
+        let welcome = Welcome {
+            gateway_nonce,
+            proof,
+            session_id,
+            heartbeat_ms: u32::try_from(timing.heartbeat.as_millis()).unwrap_or(u32::MAX),
+            dead_after_ms: u32::try_from(timing.dead_after.as_millis()).unwrap_or(u32::MAX),
+            flags: if data_tls { Welcome::FLAG_DATA_TLS } else { 0 },
+        };
+        if let Some(s) = self.services.get_mut(&h.service) {
+            s.session = Some(conn);
+        }
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.state = ConnState::Registered(Session { service: h.service.clone(), session_id, keys, timing, data_tls });
+        }
+        self.transmit(now, conn, &Message::Welcome(welcome));
+        self.reschedule(conn);
+        self.outputs.push_back(GatewayOutput::Event(GatewayEvent::Registered {
+            conn,
+            peer,
+            service: h.service,
+            session_id,
+            software: h.software,
+        }));
+    }
+
+    fn reject(&mut self, conn: ConnId, peer: SocketAddr, service: Option<String>, code: ErrorCode, reason: &str, told: &str) {
+        self.outputs.push_back(GatewayOutput::Event(GatewayEvent::Rejected {
+            conn,
+            peer,
+            service,
+            code,
+            reason: format!("{reason}: {told}"),
+        }));
+        self.outputs.push_back(GatewayOutput::Transmit {
+            conn,
+            bytes: Message::Error(ErrorFrame { code, message: told.to_owned() }).to_frame(),
+        });
+        self.drop_conn(conn, "rejected".into());
+    }
+
+    /// Ends a control connection: tells the agent why when `code` is given, releases the
+    /// service registration, and fails every client still waiting on this session.
+    fn close(&mut self, conn: ConnId, code: Option<ErrorCode>, reason: String) {
+        let Some(c) = self.conns.get(&conn) else { return };
+        if let Some(code) = code {
+            self.outputs.push_back(GatewayOutput::Transmit {
+                conn,
+                bytes: Message::Error(ErrorFrame { code, message: reason.clone() }).to_frame(),
+            });
+        }
+        if let ConnState::AwaitHello { .. } = c.state {
+            let peer = c.peer;
+            if code.is_some() {
+                self.outputs.push_back(GatewayOutput::Event(GatewayEvent::Rejected {
+                    conn,
+                    peer,
+                    service: None,
+                    code: code.unwrap_or(ErrorCode::Malformed),
+                    reason: reason.clone(),
+                }));
+            }
+        }
+        self.drop_conn(conn, reason);
+    }
+
+    fn drop_conn(&mut self, conn: ConnId, reason: String) {
+        let Some(c) = self.conns.remove(&conn) else { return };
+        self.outputs.push_back(GatewayOutput::Close { conn });
+        let ConnState::Registered(session) = c.state else { return };
+        if let Some(s) = self.services.get_mut(&session.service) {
+            if s.session == Some(conn) {
+                s.session = None;
+            }
+        }
+        let orphans: Vec<u64> = self.pending.iter().filter(|(_, p)| p.conn == conn).map(|(id, _)| *id).collect();
+        for id in orphans {
+            if let Some(p) = self.remove_pending(id) {
+                self.outputs.push_back(GatewayOutput::ClientFailed {
+                    client: p.client,
+                    code: ErrorCode::SessionGone,
+                    reason: "the agent's control connection ended".into(),
+                });
+            }
+        }
+        self.outputs.push_back(GatewayOutput::Event(GatewayEvent::SessionEnded {
+            conn,
+            service: session.service,
+            session_id: session.session_id,
+            reason,
+        }));
+    }
+
+    fn run_conn_timers(&mut self, now: Instant, conn: ConnId) {
+        let Some(c) = self.conns.get(&conn) else { return };
+        match &c.state {
+            ConnState::AwaitHello { deadline } => {
+                if now >= *deadline {
+                    let t = self.timing.handshake_timeout;
+                    self.close(conn, Some(ErrorCode::Timeout), format!("no HELLO within {}", fmt_duration(t)));
+                    return;
+                }
+            }
+            ConnState::Registered(s) => {
+                let quiet = now.saturating_duration_since(c.last_rx);
+                if quiet >= s.timing.dead_after {
+                    let reason = format!("agent silent for {} (dead_after)", fmt_duration(quiet));
+                    self.close(conn, None, reason);
+                    return;
+                }
+                if now.saturating_duration_since(c.last_tx) >= s.timing.heartbeat {
+                    self.transmit(now, conn, &Message::Heartbeat);
+                }
+            }
+        }
+        if let Some(c) = self.conns.get_mut(&conn) {
+            let next = next_deadline(c);
+            c.scheduled = next;
+            self.conn_timers.push(Reverse((next, conn)));
+        }
+    }
+
+    /// Adds an earlier timer entry when a connection's next deadline moved earlier; later
+    /// deadlines are found when the old entry fires.
+    fn reschedule(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            let next = next_deadline(c);
+            if next < c.scheduled {
+                c.scheduled = next;
+                self.conn_timers.push(Reverse((next, conn)));
+            }
+        }
+    }
+}
+
+fn next_deadline(c: &Conn) -> Instant {
+    match &c.state {
+        ConnState::AwaitHello { deadline } => *deadline,
+        ConnState::Registered(s) => (c.last_rx + s.timing.dead_after).min(c.last_tx + s.timing.heartbeat),
+    }
+}
+
+/// Human duration for log lines and error messages: "10s", "1.5s", "250ms".
+pub fn fmt_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms >= 1000 && ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else if ms >= 1000 {
+        format!("{:.1}s", d.as_secs_f64())
+    } else {
+        format!("{ms}ms")
+    }
+}

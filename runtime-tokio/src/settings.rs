@@ -1,0 +1,92 @@
+//! Plain settings the runtime is started with. The binary's TOML layer fills these in; tests
+//! build them directly.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use dialback_core::Timing;
+
+/// A password that never appears in `Debug` output or logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Where the gateway's TLS identity comes from.
+#[derive(Debug, Clone)]
+pub struct IdentitySource {
+    /// PEM certificate chain and key given by the operator; both or neither.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Where a self-signed certificate is generated on first start and reused afterwards.
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct GatewaySettings {
+    /// Agents' control and data connections.
+    pub listen: SocketAddr,
+    pub identity: IdentitySource,
+    pub timing: Timing,
+    pub services: Vec<GatewayService>,
+}
+
+#[derive(Debug, Clone)]
+pub struct GatewayService {
+    pub name: String,
+    pub password: Secret,
+    /// Raw TCP port for public clients.
+    pub tcp_listen: Option<SocketAddr>,
+    /// Data connections for this service must be under TLS.
+    pub data_tls: bool,
+    /// Clients that may wait for a data connection at once; more are refused.
+    pub max_pending: usize,
+}
+
+/// How the agent decides that it talks to the real gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GatewayTrust {
+    /// SHA-256 of the gateway's end-entity certificate (DER).
+    Fingerprint([u8; 32]),
+    /// PEM file of CA certificates that sign the gateway's certificate.
+    CaFile(PathBuf),
+    /// The operating system's root store.
+    System,
+    /// No verification at all. Logged loudly at start and on every connection.
+    Insecure,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    /// `host:port` of the gateway's `listen`.
+    pub gateway: String,
+    /// Name to verify in the gateway's certificate (CA and system trust); defaults to the host
+    /// part of `gateway`.
+    pub server_name: Option<String>,
+    pub trust: GatewayTrust,
+    pub services: Vec<AgentService>,
+    /// First reconnect delay; doubles on every failure up to `reconnect_max`, with jitter.
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    /// Timeout for TCP connect + TLS handshake + registration, and for dialing `local`.
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentService {
+    pub name: String,
+    pub password: Secret,
+    /// `host:port` of the private service this agent publishes.
+    pub local: String,
+}
+
+pub const DEFAULT_MAX_PENDING: usize = 1024;
+pub const DEFAULT_RECONNECT_MIN: Duration = Duration::from_millis(500);
+pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(30);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
