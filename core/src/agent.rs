@@ -13,8 +13,8 @@ use crate::crypto::{ct_eq, PasswordKey, SessionKeys};
 use crate::error::ErrorCode;
 use crate::timing::Timing;
 use crate::wire::{
-    encode_preamble, ConnKind, ConnectFailed, DataHello, ErrorFrame, FrameDecoder, Hello,
-    Message, Welcome, WireError,
+    encode_preamble, ConnKind, ConnectFailed, DataHello, ErrorFrame, FrameDecoder, Hello, Message,
+    Welcome, WireError,
 };
 
 /// Why a control session ended, from the agent's point of view.
@@ -29,7 +29,10 @@ pub enum AgentError {
     #[error("gateway sent an unexpected {0}")]
     Unexpected(&'static str),
     #[error("gateway announced unusable timers (heartbeat {heartbeat_ms} ms, dead_after {dead_after_ms} ms)")]
-    BadTimers { heartbeat_ms: u32, dead_after_ms: u32 },
+    BadTimers {
+        heartbeat_ms: u32,
+        dead_after_ms: u32,
+    },
     #[error("no WELCOME from the gateway within {0:?}")]
     HandshakeTimeout(Duration),
     #[error("gateway silent for {0:?}: connection presumed dead")]
@@ -50,7 +53,12 @@ pub struct ConnectRequest {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AgentEvent {
-    Registered { session_id: u64, heartbeat: Duration, dead_after: Duration, data_tls: bool },
+    Registered {
+        session_id: u64,
+        heartbeat: Duration,
+        dead_after: Duration,
+        data_tls: bool,
+    },
     Connect(ConnectRequest),
     /// The session is over; drop the connection and reconnect after a backoff.
     Closed(AgentError),
@@ -58,8 +66,15 @@ pub enum AgentEvent {
 
 #[derive(Debug)]
 enum State {
-    AwaitWelcome { deadline: Instant },
-    Registered { session_id: u64, data_tls: bool, heartbeat: Duration, dead_after: Duration },
+    AwaitWelcome {
+        deadline: Instant,
+    },
+    Registered {
+        session_id: u64,
+        data_tls: bool,
+        heartbeat: Duration,
+        dead_after: Duration,
+    },
     Closed,
 }
 
@@ -107,7 +122,9 @@ impl AgentControl {
             decoder: FrameDecoder::new(),
             out,
             events: VecDeque::new(),
-            state: State::AwaitWelcome { deadline: now + timing.handshake_timeout },
+            state: State::AwaitWelcome {
+                deadline: now + timing.handshake_timeout,
+            },
             last_rx: now,
             last_tx: now,
             handshake_timeout: timing.handshake_timeout,
@@ -158,7 +175,11 @@ impl AgentControl {
                     self.fail(AgentError::HandshakeTimeout(self.handshake_timeout));
                 }
             }
-            State::Registered { heartbeat, dead_after, .. } => {
+            State::Registered {
+                heartbeat,
+                dead_after,
+                ..
+            } => {
                 let quiet = now.saturating_duration_since(self.last_rx);
                 if quiet >= dead_after {
                     self.fail(AgentError::PeerDead(quiet));
@@ -171,9 +192,19 @@ impl AgentControl {
 
     /// Tell the gateway this request cannot be served, so it fails the client at once instead
     /// of waiting for the token to expire.
-    pub fn connect_failed(&mut self, now: Instant, request_id: u64, code: ErrorCode, message: &str) {
+    pub fn connect_failed(
+        &mut self,
+        now: Instant,
+        request_id: u64,
+        code: ErrorCode,
+        message: &str,
+    ) {
         if matches!(self.state, State::Registered { .. }) {
-            let m = Message::ConnectFailed(ConnectFailed { request_id, code, message: message.to_owned() });
+            let m = Message::ConnectFailed(ConnectFailed {
+                request_id,
+                code,
+                message: message.to_owned(),
+            });
             self.send(now, &m);
         }
     }
@@ -181,7 +212,13 @@ impl AgentControl {
     /// Ends the session politely (e.g. on shutdown): queues an ERROR frame for the gateway.
     pub fn close(&mut self, now: Instant, code: ErrorCode, message: &str) {
         if !self.is_closed() {
-            self.send(now, &Message::Error(ErrorFrame { code, message: message.to_owned() }));
+            self.send(
+                now,
+                &Message::Error(ErrorFrame {
+                    code,
+                    message: message.to_owned(),
+                }),
+            );
             self.state = State::Closed;
         }
     }
@@ -206,9 +243,11 @@ impl AgentControl {
         match self.state {
             State::Closed => None,
             State::AwaitWelcome { deadline } => Some(deadline),
-            State::Registered { heartbeat, dead_after, .. } => {
-                Some((self.last_rx + dead_after).min(self.last_tx + heartbeat))
-            }
+            State::Registered {
+                heartbeat,
+                dead_after,
+                ..
+            } => Some((self.last_rx + dead_after).min(self.last_tx + heartbeat)),
         }
     }
 
@@ -226,7 +265,13 @@ impl AgentControl {
 
     fn fail_with_notice(&mut self, now: Instant, code: ErrorCode, e: AgentError) {
         if !self.is_closed() {
-            self.send(now, &Message::Error(ErrorFrame { code, message: e.to_string() }));
+            self.send(
+                now,
+                &Message::Error(ErrorFrame {
+                    code,
+                    message: e.to_string(),
+                }),
+            );
             self.fail(e);
         }
     }
@@ -234,7 +279,14 @@ impl AgentControl {
     fn on_message(&mut self, now: Instant, m: Message) {
         match (&self.state, m) {
             (State::AwaitWelcome { .. }, Message::Welcome(w)) => self.on_welcome(w),
-            (State::Registered { session_id, data_tls, .. }, Message::Connect(c)) => {
+            (
+                State::Registered {
+                    session_id,
+                    data_tls,
+                    ..
+                },
+                Message::Connect(c),
+            ) => {
                 let hello = DataHello {
                     service: self.service.clone(),
                     session_id: *session_id,
@@ -251,8 +303,15 @@ impl AgentControl {
                 self.events.push_back(AgentEvent::Connect(req));
             }
             (State::Registered { .. }, Message::Heartbeat | Message::Ignorable(_)) => {}
-            (_, Message::Error(e)) => self.fail(AgentError::Refused { code: e.code, message: e.message }),
-            (_, m) => self.fail_with_notice(now, ErrorCode::UnexpectedMessage, AgentError::Unexpected(m.name())),
+            (_, Message::Error(e)) => self.fail(AgentError::Refused {
+                code: e.code,
+                message: e.message,
+            }),
+            (_, m) => self.fail_with_notice(
+                now,
+                ErrorCode::UnexpectedMessage,
+                AgentError::Unexpected(m.name()),
+            ),
         }
     }
 
@@ -270,13 +329,26 @@ impl AgentControl {
             return;
         }
         if w.heartbeat_ms == 0 || w.heartbeat_ms >= w.dead_after_ms {
-            self.fail(AgentError::BadTimers { heartbeat_ms: w.heartbeat_ms, dead_after_ms: w.dead_after_ms });
+            self.fail(AgentError::BadTimers {
+                heartbeat_ms: w.heartbeat_ms,
+                dead_after_ms: w.dead_after_ms,
+            });
             return;
         }
         let heartbeat = Duration::from_millis(u64::from(w.heartbeat_ms));
         let dead_after = Duration::from_millis(u64::from(w.dead_after_ms));
         let data_tls = w.flags & Welcome::FLAG_DATA_TLS != 0;
-        self.state = State::Registered { session_id: w.session_id, data_tls, heartbeat, dead_after };
-        self.events.push_back(AgentEvent::Registered { session_id: w.session_id, heartbeat, dead_after, data_tls });
+        self.state = State::Registered {
+            session_id: w.session_id,
+            data_tls,
+            heartbeat,
+            dead_after,
+        };
+        self.events.push_back(AgentEvent::Registered {
+            session_id: w.session_id,
+            heartbeat,
+            dead_after,
+            data_tls,
+        });
     }
 }

@@ -87,7 +87,10 @@ impl SessionKeys {
 
     /// HMAC(agent_proof_key, "dialback v1 hello" || str8(service) || agent_nonce).
     pub fn agent_proof(&self, service: &str, agent_nonce: &[u8; 32]) -> [u8; 32] {
-        hmac(&self.agent_proof_key, &[LABEL_HELLO, &str8(service), agent_nonce])
+        hmac(
+            &self.agent_proof_key,
+            &[LABEL_HELLO, &str8(service), agent_nonce],
+        )
     }
 
     /// HMAC(gateway_proof_key, "dialback v1 welcome" || str8(service) || agent_nonce ||
@@ -172,8 +175,16 @@ mod tests {
         let k2 = SessionKeys::derive(&pw, &[2; 32]);
         let other = SessionKeys::derive(&PasswordKey::from_bytes([8; 32]), &[1; 32]);
         let p = k1.agent_proof("web", &[0; 32]);
-        assert_ne!(p, k2.agent_proof("web", &[0; 32]), "exporter binds the proof");
-        assert_ne!(p, other.agent_proof("web", &[0; 32]), "password binds the proof");
+        assert_ne!(
+            p,
+            k2.agent_proof("web", &[0; 32]),
+            "exporter binds the proof"
+        );
+        assert_ne!(
+            p,
+            other.agent_proof("web", &[0; 32]),
+            "password binds the proof"
+        );
         assert_ne!(p, k1.agent_proof("web2", &[0; 32]));
         assert_ne!(p, k1.agent_proof("web", &[1; 32]));
         assert_ne!(k1.agent_proof_key, k1.gateway_proof_key);

@@ -100,7 +100,11 @@ pub fn encode_accept() -> Vec<u8> {
 
 /// An ERROR frame for a refused connection.
 pub fn encode_error(code: ErrorCode, message: &str) -> Vec<u8> {
-    Message::Error(ErrorFrame { code, message: message.to_owned() }).to_frame()
+    Message::Error(ErrorFrame {
+        code,
+        message: message.to_owned(),
+    })
+    .to_frame()
 }
 
 /// The gateway's answer as the agent reads it.
@@ -130,9 +134,10 @@ impl AnswerDecoder {
         match self.frames.decode(input)? {
             None => Ok(false),
             Some(Message::DataAccept) => Ok(true),
-            Some(Message::Error(e)) => {
-                Err(DataAnswerError::Refused { code: e.code, message: e.message })
-            }
+            Some(Message::Error(e)) => Err(DataAnswerError::Refused {
+                code: e.code,
+                message: e.message,
+            }),
             Some(m) => Err(DataAnswerError::Unexpected(m.name())),
         }
     }
@@ -143,7 +148,12 @@ mod tests {
     use super::*;
 
     fn hello() -> DataHello {
-        DataHello { service: "web".into(), session_id: 1, request_id: 2, token: [3; 32] }
+        DataHello {
+            service: "web".into(),
+            session_id: 1,
+            request_id: 2,
+            token: [3; 32],
+        }
     }
 
     #[test]
@@ -166,9 +176,15 @@ mod tests {
         let mut bytes = encode_preamble(ConnKind::Control).to_vec();
         bytes.extend_from_slice(&Message::Heartbeat.to_frame());
         let mut input = &bytes[..];
-        assert_eq!(Intake::new(false).handle_input(&mut input), Err(IntakeError::ControlWithoutTls));
+        assert_eq!(
+            Intake::new(false).handle_input(&mut input),
+            Err(IntakeError::ControlWithoutTls)
+        );
         let mut input = &bytes[..];
-        assert_eq!(Intake::new(true).handle_input(&mut input), Ok(Some(Classified::Control)));
+        assert_eq!(
+            Intake::new(true).handle_input(&mut input),
+            Ok(Some(Classified::Control))
+        );
         assert_eq!(input, &Message::Heartbeat.to_frame()[..]);
     }
 
@@ -191,7 +207,10 @@ mod tests {
         let mut input = &e[..];
         assert!(matches!(
             AnswerDecoder::new().handle_input(&mut input),
-            Err(DataAnswerError::Refused { code: ErrorCode::TokenInvalid, .. })
+            Err(DataAnswerError::Refused {
+                code: ErrorCode::TokenInvalid,
+                ..
+            })
         ));
     }
 }

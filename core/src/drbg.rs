@@ -15,7 +15,10 @@ pub struct Drbg {
 
 impl Drbg {
     pub fn new(seed: [u8; 32]) -> Self {
-        Drbg { key: seed, counter: 0 }
+        Drbg {
+            key: seed,
+            counter: 0,
+        }
     }
 
     /// Mix fresh entropy from the runtime into the state (e.g. periodically).

@@ -50,17 +50,38 @@ pub enum GatewayOutput {
     /// Flush what was transmitted so far, then close the control connection.
     Close { conn: ConnId },
     /// Close this waiting client: it will not be paired.
-    ClientFailed { client: ClientId, code: ErrorCode, reason: String },
+    ClientFailed {
+        client: ClientId,
+        code: ErrorCode,
+        reason: String,
+    },
     /// For logs and metrics.
     Event(GatewayEvent),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GatewayEvent {
-    Registered { conn: ConnId, peer: SocketAddr, service: String, session_id: u64, software: String },
+    Registered {
+        conn: ConnId,
+        peer: SocketAddr,
+        service: String,
+        session_id: u64,
+        software: String,
+    },
     /// A control connection was refused or dropped; `service` when known.
-    Rejected { conn: ConnId, peer: SocketAddr, service: Option<String>, code: ErrorCode, reason: String },
-    SessionEnded { conn: ConnId, service: String, session_id: u64, reason: String },
+    Rejected {
+        conn: ConnId,
+        peer: SocketAddr,
+        service: Option<String>,
+        code: ErrorCode,
+        reason: String,
+    },
+    SessionEnded {
+        conn: ConnId,
+        service: String,
+        session_id: u64,
+        reason: String,
+    },
 }
 
 /// Why a public client could not be served.
@@ -172,7 +193,14 @@ impl Gateway {
             last_now: None,
         };
         for s in config.services {
-            g.services.insert(s.name.clone(), Service { cfg: s, session: None, pending: 0 });
+            g.services.insert(
+                s.name.clone(),
+                Service {
+                    cfg: s,
+                    session: None,
+                    pending: 0,
+                },
+            );
         }
         g
     }
@@ -183,7 +211,9 @@ impl Gateway {
 
     /// Whether an agent is registered for `service` right now.
     pub fn is_online(&self, service: &str) -> bool {
-        self.services.get(service).is_some_and(|s| s.session.is_some())
+        self.services
+            .get(service)
+            .is_some_and(|s| s.session.is_some())
     }
 
     pub fn pending_clients(&self) -> usize {
@@ -196,7 +226,13 @@ impl Gateway {
 
     /// A TLS control connection completed its handshake (and its preamble was read).
     /// `exporter` is the TLS exporter value the proofs are bound to.
-    pub fn handle_control_open(&mut self, now: Instant, conn: ConnId, peer: SocketAddr, exporter: [u8; 32]) {
+    pub fn handle_control_open(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        peer: SocketAddr,
+        exporter: [u8; 32],
+    ) {
         self.touch(now);
         let deadline = now + self.timing.handshake_timeout;
         self.conns.insert(
@@ -218,7 +254,9 @@ impl Gateway {
     pub fn handle_control_input(&mut self, now: Instant, conn: ConnId, mut input: &[u8]) {
         self.touch(now);
         while !input.is_empty() {
-            let Some(c) = self.conns.get_mut(&conn) else { return };
+            let Some(c) = self.conns.get_mut(&conn) else {
+                return;
+            };
             c.last_rx = now;
             match c.decoder.decode(&mut input) {
                 Ok(Some(m)) => self.on_message(now, conn, m),
@@ -257,11 +295,20 @@ impl Gateway {
             .services
             .get(service)
             .ok_or_else(|| ClientReject::UnknownService(service.to_owned()))?;
-        let conn_id = svc.session.ok_or_else(|| ClientReject::AgentOffline(service.to_owned()))?;
+        let conn_id = svc
+            .session
+            .ok_or_else(|| ClientReject::AgentOffline(service.to_owned()))?;
         if svc.pending >= svc.cfg.max_pending {
-            return Err(ClientReject::Overloaded { service: service.to_owned(), pending: svc.pending });
+            return Err(ClientReject::Overloaded {
+                service: service.to_owned(),
+                pending: svc.pending,
+            });
         }
-        let Some(Conn { state: ConnState::Registered(session), .. }) = self.conns.get(&conn_id) else {
+        let Some(Conn {
+            state: ConnState::Registered(session),
+            ..
+        }) = self.conns.get(&conn_id)
+        else {
             return Err(ClientReject::AgentOffline(service.to_owned()));
         };
         let session_id = session.session_id;
@@ -271,18 +318,32 @@ impl Gateway {
             request_id = u64::from_be_bytes(self.rng.array());
         }
         let random: [u8; 16] = self.rng.array();
-        let token = session.keys.data_token(session_id, request_id, service, &random);
+        let token = session
+            .keys
+            .data_token(session_id, request_id, service, &random);
         let expires = now + ttl;
         self.pending.insert(
             request_id,
-            Pending { client, service: service.to_owned(), session_id, conn: conn_id, token, expires },
+            Pending {
+                client,
+                service: service.to_owned(),
+                session_id,
+                conn: conn_id,
+                token,
+                expires,
+            },
         );
         self.clients.insert(client, request_id);
         self.token_timers.push(Reverse((expires, request_id)));
         if let Some(s) = self.services.get_mut(service) {
             s.pending += 1;
         }
-        let msg = Message::Connect(Connect { request_id, token, client: client_addr, public: public_addr });
+        let msg = Message::Connect(Connect {
+            request_id,
+            token,
+            client: client_addr,
+            public: public_addr,
+        });
         self.transmit(now, conn_id, &msg);
         Ok(())
     }
@@ -297,33 +358,76 @@ impl Gateway {
 
     /// A data connection presented its hello. The token is deleted by this call whatever the
     /// outcome, so it can never be tried twice. `tls` says whether the connection is under TLS.
-    pub fn handle_data_hello(&mut self, now: Instant, hello: &DataHello, tls: bool) -> Result<Paired, DataReject> {
+    pub fn handle_data_hello(
+        &mut self,
+        now: Instant,
+        hello: &DataHello,
+        tls: bool,
+    ) -> Result<Paired, DataReject> {
         self.touch(now);
-        let reject = |code, message: &str| DataReject { code, message: message.to_owned() };
+        let reject = |code, message: &str| DataReject {
+            code,
+            message: message.to_owned(),
+        };
         let Some(p) = self.remove_pending(hello.request_id) else {
-            return Err(reject(ErrorCode::TokenInvalid, "unknown request: token already used, expired or never issued"));
+            return Err(reject(
+                ErrorCode::TokenInvalid,
+                "unknown request: token already used, expired or never issued",
+            ));
         };
         let fail = |g: &mut Gateway, code: ErrorCode, message: &str| {
-            g.outputs.push_back(GatewayOutput::ClientFailed { client: p.client, code, reason: format!("data connection refused: {message}") });
+            g.outputs.push_back(GatewayOutput::ClientFailed {
+                client: p.client,
+                code,
+                reason: format!("data connection refused: {message}"),
+            });
             Err(reject(code, message))
         };
-        if !ct_eq(&p.token, &hello.token) || p.service != hello.service || p.session_id != hello.session_id {
-            return fail(self, ErrorCode::TokenInvalid, "token does not match this request");
+        if !ct_eq(&p.token, &hello.token)
+            || p.service != hello.service
+            || p.session_id != hello.session_id
+        {
+            return fail(
+                self,
+                ErrorCode::TokenInvalid,
+                "token does not match this request",
+            );
         }
         if now >= p.expires {
             return fail(self, ErrorCode::TokenExpired, "token expired");
         }
         let live = self.services.get(&p.service).and_then(|s| s.session) == Some(p.conn);
-        let Some(Conn { state: ConnState::Registered(session), .. }) = self.conns.get(&p.conn) else {
-            return fail(self, ErrorCode::SessionGone, "the control session that issued this token has ended");
+        let Some(Conn {
+            state: ConnState::Registered(session),
+            ..
+        }) = self.conns.get(&p.conn)
+        else {
+            return fail(
+                self,
+                ErrorCode::SessionGone,
+                "the control session that issued this token has ended",
+            );
         };
         if !live || session.session_id != p.session_id {
-            return fail(self, ErrorCode::SessionGone, "the control session that issued this token has ended");
+            return fail(
+                self,
+                ErrorCode::SessionGone,
+                "the control session that issued this token has ended",
+            );
         }
         if session.data_tls && !tls {
-            return fail(self, ErrorCode::DataTlsRequired, "this service requires data connections under TLS");
+            return fail(
+                self,
+                ErrorCode::DataTlsRequired,
+                "this service requires data connections under TLS",
+            );
         }
-        Ok(Paired { client: p.client, service: p.service, session_id: p.session_id, request_id: hello.request_id })
+        Ok(Paired {
+            client: p.client,
+            service: p.service,
+            session_id: p.session_id,
+            request_id: hello.request_id,
+        })
     }
 
     /// Run every timer that is due at `now`.
@@ -344,16 +448,31 @@ impl Gateway {
                 break;
             }
             self.token_timers.pop();
-            if self.pending.get(&request_id).is_some_and(|p| p.expires <= now) {
+            if self
+                .pending
+                .get(&request_id)
+                .is_some_and(|p| p.expires <= now)
+            {
                 if let Some(p) = self.remove_pending(request_id) {
-                    let reason = format!("the agent did not dial back within {}", fmt_duration(self.ttl_of(&p)));
-                    self.outputs.push_back(GatewayOutput::ClientFailed { client: p.client, code: ErrorCode::TokenExpired, reason });
+                    let reason = format!(
+                        "the agent did not dial back within {}",
+                        fmt_duration(self.ttl_of(&p))
+                    );
+                    self.outputs.push_back(GatewayOutput::ClientFailed {
+                        client: p.client,
+                        code: ErrorCode::TokenExpired,
+                        reason,
+                    });
                 }
             }
         }
         // Redeemed tokens leave stale heap entries behind; keep the heap proportional.
         if self.token_timers.len() > 2 * self.pending.len() + 64 {
-            self.token_timers = self.pending.iter().map(|(id, p)| Reverse((p.expires, *id))).collect();
+            self.token_timers = self
+                .pending
+                .iter()
+                .map(|(id, p)| Reverse((p.expires, *id)))
+                .collect();
         }
     }
 
@@ -383,7 +502,10 @@ impl Gateway {
 
     fn ttl_of(&self, p: &Pending) -> Duration {
         match self.conns.get(&p.conn) {
-            Some(Conn { state: ConnState::Registered(s), .. }) => s.timing.token_ttl,
+            Some(Conn {
+                state: ConnState::Registered(s),
+                ..
+            }) => s.timing.token_ttl,
             _ => self.timing.token_ttl,
         }
     }
@@ -400,28 +522,47 @@ impl Gateway {
     fn transmit(&mut self, now: Instant, conn: ConnId, msg: &Message) {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.last_tx = now;
-            self.outputs.push_back(GatewayOutput::Transmit { conn, bytes: msg.to_frame() });
+            self.outputs.push_back(GatewayOutput::Transmit {
+                conn,
+                bytes: msg.to_frame(),
+            });
         }
     }
 
     fn on_message(&mut self, now: Instant, conn: ConnId, m: Message) {
-        let Some(c) = self.conns.get(&conn) else { return };
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
         match (&c.state, m) {
             (ConnState::AwaitHello { .. }, Message::Hello(h)) => self.on_hello(now, conn, h),
             (ConnState::Registered(_), Message::Heartbeat) => {}
             (ConnState::Registered(_), Message::Ignorable(_)) => {}
             (ConnState::Registered(_), Message::ConnectFailed(f)) => {
                 // Only the session that was asked may fail a request.
-                let mine = self.pending.get(&f.request_id).is_some_and(|p| p.conn == conn);
+                let mine = self
+                    .pending
+                    .get(&f.request_id)
+                    .is_some_and(|p| p.conn == conn);
                 if mine {
                     if let Some(p) = self.remove_pending(f.request_id) {
-                        let reason = format!("agent could not serve the client: {}: {}", f.code, f.message);
-                        self.outputs.push_back(GatewayOutput::ClientFailed { client: p.client, code: f.code, reason });
+                        let reason = format!(
+                            "agent could not serve the client: {}: {}",
+                            f.code, f.message
+                        );
+                        self.outputs.push_back(GatewayOutput::ClientFailed {
+                            client: p.client,
+                            code: f.code,
+                            reason,
+                        });
                     }
                 }
             }
             (_, Message::Error(e)) => {
-                self.close(conn, None, format!("agent sent error {}: {}", e.code, e.message));
+                self.close(
+                    conn,
+                    None,
+                    format!("agent sent error {}: {}", e.code, e.message),
+                );
             }
             (_, m) => {
                 let reason = format!("unexpected {} on a control connection", m.name());
@@ -431,19 +572,36 @@ impl Gateway {
     }
 
     fn on_hello(&mut self, now: Instant, conn: ConnId, h: Hello) {
-        let Some(c) = self.conns.get(&conn) else { return };
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
         let (peer, exporter) = (c.peer, c.exporter);
         let svc = self.services.get(&h.service);
         let keys = svc.map(|s| SessionKeys::derive(&s.cfg.password_key, &exporter));
-        let proof_ok = keys.as_ref().is_some_and(|k| ct_eq(&k.agent_proof(&h.service, &h.agent_nonce), &h.proof));
+        let proof_ok = keys
+            .as_ref()
+            .is_some_and(|k| ct_eq(&k.agent_proof(&h.service, &h.agent_nonce), &h.proof));
         let (Some(svc), Some(keys), true) = (svc, keys, proof_ok) else {
-            let reason = if svc.is_none() { "unknown service" } else { "wrong password proof" };
-            self.reject(conn, peer, Some(h.service), ErrorCode::AuthFailed, reason,
-                "authentication failed: unknown service or wrong password");
+            let reason = if svc.is_none() {
+                "unknown service"
+            } else {
+                "wrong password proof"
+            };
+            self.reject(
+                conn,
+                peer,
+                Some(h.service),
+                ErrorCode::AuthFailed,
+                reason,
+                "authentication failed: unknown service or wrong password",
+            );
             return;
         };
         if let Some(existing) = svc.session {
-            let since = self.conns.get(&existing).map(|c| now.saturating_duration_since(c.last_rx));
+            let since = self
+                .conns
+                .get(&existing)
+                .map(|c| now.saturating_duration_since(c.last_rx));
             let detail = match (since, self.conns.get(&existing)) {
                 (Some(quiet), Some(c)) => format!(
                     "service {:?} already has a live agent (from {}, last heard {} ago); a new one is accepted once it has been silent for dead_after",
@@ -451,13 +609,26 @@ impl Gateway {
                 ),
                 _ => format!("service {:?} already has a live agent", h.service),
             };
-            self.reject(conn, peer, Some(h.service), ErrorCode::AlreadyRegistered, "already registered", &detail);
+            self.reject(
+                conn,
+                peer,
+                Some(h.service),
+                ErrorCode::AlreadyRegistered,
+                "already registered",
+                &detail,
+            );
             return;
         }
         let session_id = self.next_session;
         self.next_session = self.next_session.wrapping_add(1);
         let gateway_nonce: [u8; 32] = self.rng.array();
-        let proof = keys.gateway_proof(&h.service, &h.agent_nonce, &gateway_nonce, &h.proof, session_id);
+        let proof = keys.gateway_proof(
+            &h.service,
+            &h.agent_nonce,
+            &gateway_nonce,
+            &h.proof,
+            session_id,
+        );
         let timing = self.timing;
         let data_tls = svc.cfg.data_tls;
         let welcome = Welcome {
@@ -472,30 +643,50 @@ impl Gateway {
             s.session = Some(conn);
         }
         if let Some(c) = self.conns.get_mut(&conn) {
-            c.state = ConnState::Registered(Session { service: h.service.clone(), session_id, keys, timing, data_tls });
+            c.state = ConnState::Registered(Session {
+                service: h.service.clone(),
+                session_id,
+                keys,
+                timing,
+                data_tls,
+            });
         }
         self.transmit(now, conn, &Message::Welcome(welcome));
         self.reschedule(conn);
-        self.outputs.push_back(GatewayOutput::Event(GatewayEvent::Registered {
-            conn,
-            peer,
-            service: h.service,
-            session_id,
-            software: h.software,
-        }));
+        self.outputs
+            .push_back(GatewayOutput::Event(GatewayEvent::Registered {
+                conn,
+                peer,
+                service: h.service,
+                session_id,
+                software: h.software,
+            }));
     }
 
-    fn reject(&mut self, conn: ConnId, peer: SocketAddr, service: Option<String>, code: ErrorCode, reason: &str, told: &str) {
-        self.outputs.push_back(GatewayOutput::Event(GatewayEvent::Rejected {
-            conn,
-            peer,
-            service,
-            code,
-            reason: format!("{reason}: {told}"),
-        }));
+    fn reject(
+        &mut self,
+        conn: ConnId,
+        peer: SocketAddr,
+        service: Option<String>,
+        code: ErrorCode,
+        reason: &str,
+        told: &str,
+    ) {
+        self.outputs
+            .push_back(GatewayOutput::Event(GatewayEvent::Rejected {
+                conn,
+                peer,
+                service,
+                code,
+                reason: format!("{reason}: {told}"),
+            }));
         self.outputs.push_back(GatewayOutput::Transmit {
             conn,
-            bytes: Message::Error(ErrorFrame { code, message: told.to_owned() }).to_frame(),
+            bytes: Message::Error(ErrorFrame {
+                code,
+                message: told.to_owned(),
+            })
+            .to_frame(),
         });
         self.drop_conn(conn, "rejected".into());
     }
@@ -503,38 +694,54 @@ impl Gateway {
     /// Ends a control connection: tells the agent why when `code` is given, releases the
     /// service registration, and fails every client still waiting on this session.
     fn close(&mut self, conn: ConnId, code: Option<ErrorCode>, reason: String) {
-        let Some(c) = self.conns.get(&conn) else { return };
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
         if let Some(code) = code {
             self.outputs.push_back(GatewayOutput::Transmit {
                 conn,
-                bytes: Message::Error(ErrorFrame { code, message: reason.clone() }).to_frame(),
+                bytes: Message::Error(ErrorFrame {
+                    code,
+                    message: reason.clone(),
+                })
+                .to_frame(),
             });
         }
         if let ConnState::AwaitHello { .. } = c.state {
             let peer = c.peer;
             if code.is_some() {
-                self.outputs.push_back(GatewayOutput::Event(GatewayEvent::Rejected {
-                    conn,
-                    peer,
-                    service: None,
-                    code: code.unwrap_or(ErrorCode::Malformed),
-                    reason: reason.clone(),
-                }));
+                self.outputs
+                    .push_back(GatewayOutput::Event(GatewayEvent::Rejected {
+                        conn,
+                        peer,
+                        service: None,
+                        code: code.unwrap_or(ErrorCode::Malformed),
+                        reason: reason.clone(),
+                    }));
             }
         }
         self.drop_conn(conn, reason);
     }
 
     fn drop_conn(&mut self, conn: ConnId, reason: String) {
-        let Some(c) = self.conns.remove(&conn) else { return };
+        let Some(c) = self.conns.remove(&conn) else {
+            return;
+        };
         self.outputs.push_back(GatewayOutput::Close { conn });
-        let ConnState::Registered(session) = c.state else { return };
+        let ConnState::Registered(session) = c.state else {
+            return;
+        };
         if let Some(s) = self.services.get_mut(&session.service) {
             if s.session == Some(conn) {
                 s.session = None;
             }
         }
-        let orphans: Vec<u64> = self.pending.iter().filter(|(_, p)| p.conn == conn).map(|(id, _)| *id).collect();
+        let orphans: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.conn == conn)
+            .map(|(id, _)| *id)
+            .collect();
         for id in orphans {
             if let Some(p) = self.remove_pending(id) {
                 self.outputs.push_back(GatewayOutput::ClientFailed {
@@ -544,21 +751,28 @@ impl Gateway {
                 });
             }
         }
-        self.outputs.push_back(GatewayOutput::Event(GatewayEvent::SessionEnded {
-            conn,
-            service: session.service,
-            session_id: session.session_id,
-            reason,
-        }));
+        self.outputs
+            .push_back(GatewayOutput::Event(GatewayEvent::SessionEnded {
+                conn,
+                service: session.service,
+                session_id: session.session_id,
+                reason,
+            }));
     }
 
     fn run_conn_timers(&mut self, now: Instant, conn: ConnId) {
-        let Some(c) = self.conns.get(&conn) else { return };
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
         match &c.state {
             ConnState::AwaitHello { deadline } => {
                 if now >= *deadline {
                     let t = self.timing.handshake_timeout;
-                    self.close(conn, Some(ErrorCode::Timeout), format!("no HELLO within {}", fmt_duration(t)));
+                    self.close(
+                        conn,
+                        Some(ErrorCode::Timeout),
+                        format!("no HELLO within {}", fmt_duration(t)),
+                    );
                     return;
                 }
             }
@@ -597,14 +811,16 @@ impl Gateway {
 fn next_deadline(c: &Conn) -> Instant {
     match &c.state {
         ConnState::AwaitHello { deadline } => *deadline,
-        ConnState::Registered(s) => (c.last_rx + s.timing.dead_after).min(c.last_tx + s.timing.heartbeat),
+        ConnState::Registered(s) => {
+            (c.last_rx + s.timing.dead_after).min(c.last_tx + s.timing.heartbeat)
+        }
     }
 }
 
 /// Human duration for log lines and error messages: "10s", "1.5s", "250ms".
 pub fn fmt_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms >= 1000 && ms % 1000 == 0 {
+    if ms >= 1000 && ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else if ms >= 1000 {
         format!("{:.1}s", d.as_secs_f64())

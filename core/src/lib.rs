@@ -8,7 +8,10 @@
 //!
 //! The wire format implemented here is specified byte for byte in `spec/protocol.md`.
 #![forbid(unsafe_code)]
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 pub mod agent;
 pub mod crypto;

@@ -59,11 +59,21 @@ pub enum WireError {
     #[error("unknown message type {0:#04x}")]
     UnknownType(u8),
     #[error("malformed {msg}: {what}")]
-    Malformed { msg: &'static str, what: &'static str },
+    Malformed {
+        msg: &'static str,
+        what: &'static str,
+    },
 }
 
 pub fn encode_preamble(kind: ConnKind) -> [u8; PREAMBLE_LEN] {
-    [MAGIC[0], MAGIC[1], MAGIC[2], MAGIC[3], VERSION, kind.to_u8()]
+    [
+        MAGIC[0],
+        MAGIC[1],
+        MAGIC[2],
+        MAGIC[3],
+        VERSION,
+        kind.to_u8(),
+    ]
 }
 
 /// Parses the preamble once [`PREAMBLE_LEN`] bytes are available; `Ok(None)` until then.
@@ -235,7 +245,10 @@ impl Message {
 
     /// Decodes one frame's payload of type `ty`.
     pub fn decode(ty: u8, payload: &[u8]) -> Result<Message, WireError> {
-        let mut r = Reader { buf: payload, msg: type_name(ty) };
+        let mut r = Reader {
+            buf: payload,
+            msg: type_name(ty),
+        };
         let m = match ty {
             msg_type::HELLO => Message::Hello(Hello {
                 service: r.str8()?,
@@ -343,7 +356,10 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn err(&self, what: &'static str) -> WireError {
-        WireError::Malformed { msg: self.msg, what }
+        WireError::Malformed {
+            msg: self.msg,
+            what,
+        }
     }
 
     fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], WireError> {
@@ -506,13 +522,21 @@ mod tests {
                 client: Some("203.0.113.7:51000".parse().unwrap()),
                 public: Some("[2001:db8::1]:443".parse().unwrap()),
             }),
-            Message::Connect(Connect { request_id: 1, token: [0; 32], client: None, public: None }),
+            Message::Connect(Connect {
+                request_id: 1,
+                token: [0; 32],
+                client: None,
+                public: None,
+            }),
             Message::ConnectFailed(ConnectFailed {
                 request_id: 7,
                 code: ErrorCode::LocalUnreachable,
                 message: "connection refused".into(),
             }),
-            Message::Error(ErrorFrame { code: ErrorCode::AuthFailed, message: "nope".into() }),
+            Message::Error(ErrorFrame {
+                code: ErrorCode::AuthFailed,
+                message: "nope".into(),
+            }),
             Message::DataHello(DataHello {
                 service: "web".into(),
                 session_id: 9,
@@ -539,7 +563,10 @@ mod tests {
         let mut f = Message::DataAccept.to_frame();
         f.extend_from_slice(b"GET / HTTP/1.1\r\n");
         let mut input = &f[..];
-        assert_eq!(FrameDecoder::new().decode(&mut input).unwrap(), Some(Message::DataAccept));
+        assert_eq!(
+            FrameDecoder::new().decode(&mut input).unwrap(),
+            Some(Message::DataAccept)
+        );
         assert_eq!(input, b"GET / HTTP/1.1\r\n");
     }
 
@@ -549,31 +576,52 @@ mod tests {
         let mut input: &[u8] = &[msg_type::HELLO, 0x10, 0x01];
         assert_eq!(d.decode(&mut input), Err(WireError::FrameTooLarge(4097)));
         let mut input: &[u8] = &[0x42, 0, 0];
-        assert_eq!(FrameDecoder::new().decode(&mut input), Err(WireError::UnknownType(0x42)));
+        assert_eq!(
+            FrameDecoder::new().decode(&mut input),
+            Err(WireError::UnknownType(0x42))
+        );
         let mut input: &[u8] = &[0x90, 0, 1, 0xff];
-        assert_eq!(FrameDecoder::new().decode(&mut input), Ok(Some(Message::Ignorable(0x90))));
+        assert_eq!(
+            FrameDecoder::new().decode(&mut input),
+            Ok(Some(Message::Ignorable(0x90)))
+        );
         let mut input: &[u8] = &[msg_type::HEARTBEAT, 0, 1, 0];
         assert!(matches!(
             FrameDecoder::new().decode(&mut input),
-            Err(WireError::Malformed { what: "trailing bytes", .. })
+            Err(WireError::Malformed {
+                what: "trailing bytes",
+                ..
+            })
         ));
         let mut input: &[u8] = &[msg_type::ERROR, 0, 4, 0, 1, 0, 9];
-        assert!(matches!(FrameDecoder::new().decode(&mut input), Err(WireError::Malformed { .. })));
+        assert!(matches!(
+            FrameDecoder::new().decode(&mut input),
+            Err(WireError::Malformed { .. })
+        ));
     }
 
     #[test]
     fn preamble() {
         assert_eq!(parse_preamble(b"DL"), Ok(None));
-        assert_eq!(parse_preamble(&encode_preamble(ConnKind::Data)), Ok(Some(ConnKind::Data)));
+        assert_eq!(
+            parse_preamble(&encode_preamble(ConnKind::Data)),
+            Ok(Some(ConnKind::Data))
+        );
         assert_eq!(parse_preamble(b"GET / "), Err(WireError::BadMagic));
         assert_eq!(parse_preamble(b"X"), Err(WireError::BadMagic));
-        assert_eq!(parse_preamble(b"DLBK\x02\x01"), Err(WireError::UnsupportedVersion(2)));
+        assert_eq!(
+            parse_preamble(b"DLBK\x02\x01"),
+            Err(WireError::UnsupportedVersion(2))
+        );
         assert_eq!(parse_preamble(b"DLBK\x01\x07"), Err(WireError::BadKind(7)));
     }
 
     #[test]
     fn long_strings_are_clipped_not_overflowing() {
-        let m = Message::Error(ErrorFrame { code: ErrorCode::Internal, message: "é".repeat(5000) });
+        let m = Message::Error(ErrorFrame {
+            code: ErrorCode::Internal,
+            message: "é".repeat(5000),
+        });
         let f = m.to_frame();
         assert!(f.len() <= FRAME_HEADER_LEN + MAX_FRAME_PAYLOAD);
         let mut input = &f[..];

@@ -1,0 +1,376 @@
+//! The agent on tokio: one control connection per service, reconnecting with backoff; a fresh
+//! data connection back to the gateway for every public client.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dialback_core::agent::{AgentControl, AgentEvent, ConnectRequest};
+use dialback_core::crypto::PasswordKey;
+use dialback_core::data::{encode_data_hello, AnswerDecoder};
+use dialback_core::{ErrorCode, Timing};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::{debug, error, info, warn};
+
+use crate::settings::{AgentService, AgentSettings, GatewayTrust};
+use crate::stream::MaybeTls;
+use crate::tls;
+
+const SOFTWARE: &str = concat!("dialback ", env!("CARGO_PKG_VERSION"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentSetupError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("gateway address {0:?} must look like host:port")]
+    BadGateway(String),
+}
+
+/// Why one attempt to hold a control session ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionEnd {
+    #[error("cannot connect to gateway {addr}: {err}")]
+    Connect { addr: String, err: String },
+    #[error("TLS handshake with gateway {addr} failed: {err}")]
+    Tls { addr: String, err: String },
+    #[error("timed out after {0:?} connecting to the gateway")]
+    ConnectTimeout(Duration),
+    #[error("{0}")]
+    Protocol(#[from] dialback_core::agent::AgentError),
+    #[error("connection to the gateway lost: {0}")]
+    Io(String),
+}
+
+struct Ctx {
+    gateway: String,
+    server_name: rustls_pki_types::ServerName<'static>,
+    connector: tokio_rustls::TlsConnector,
+    connect_timeout: Duration,
+    timing: Timing,
+}
+
+/// Runs every configured service until `shutdown` completes.
+pub async fn run(
+    settings: AgentSettings,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentSetupError> {
+    let host = split_host(&settings.gateway)
+        .ok_or_else(|| AgentSetupError::BadGateway(settings.gateway.clone()))?;
+    if settings.trust == GatewayTrust::Insecure {
+        warn!("insecure = true: the gateway's certificate is NOT verified; anyone on the path can impersonate it and learn enough to guess the service passwords offline");
+    }
+    let name = settings
+        .server_name
+        .clone()
+        .unwrap_or_else(|| host.to_owned());
+    let server_name = match tls::server_name(&name) {
+        Ok(n) => n,
+        // Pinned and insecure trust do not look at the name, so any placeholder works.
+        Err(_)
+            if matches!(
+                settings.trust,
+                GatewayTrust::Fingerprint(_) | GatewayTrust::Insecure
+            ) =>
+        {
+            tls::server_name("dialback-gateway")?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let connector = tokio_rustls::TlsConnector::from(tls::client_config(&settings.trust)?);
+    let ctx = Arc::new(Ctx {
+        gateway: settings.gateway.clone(),
+        server_name,
+        connector,
+        connect_timeout: settings.connect_timeout,
+        timing: Timing {
+            handshake_timeout: settings.connect_timeout,
+            ..Timing::default()
+        },
+    });
+    let mut tasks = JoinSet::new();
+    for svc in settings.services.clone() {
+        let ctx = ctx.clone();
+        let (min, max) = (settings.reconnect_min, settings.reconnect_max);
+        tasks.spawn(async move {
+            let name = svc.name.clone();
+            let pw = svc.password.0.clone();
+            let key =
+                match tokio::task::spawn_blocking(move || PasswordKey::derive(&name, &pw)).await {
+                    Ok(k) => k,
+                    Err(e) => {
+                        error!(service = %svc.name, "cannot derive password key: {e}");
+                        return;
+                    }
+                };
+            service_loop(ctx, svc, key, min, max).await
+        });
+    }
+    shutdown.await;
+    info!("shutting down");
+    tasks.abort_all();
+    Ok(())
+}
+
+fn split_host(addr: &str) -> Option<&str> {
+    let (host, port) = addr.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    (!host.is_empty()).then_some(host)
+}
+
+/// Exponential backoff with jitter: the n-th retry waits a random time in [d/2, d] where
+/// d = min(max, min * 2^n).
+fn backoff(attempt: u32, min: Duration, max: Duration) -> Duration {
+    let d = min.saturating_mul(1u32 << attempt.min(20)).min(max);
+    let mut r = [0u8; 4];
+    let _ = getrandom::fill(&mut r);
+    let frac = 0.5 + 0.5 * f64::from(u32::from_be_bytes(r)) / f64::from(u32::MAX);
+    d.mul_f64(frac)
+}
+
+async fn service_loop(
+    ctx: Arc<Ctx>,
+    svc: AgentService,
+    key: PasswordKey,
+    min: Duration,
+    max: Duration,
+) {
+    let mut attempt: u32 = 0;
+    loop {
+        let mut registered = false;
+        let end = session(&ctx, &svc, &key, &mut registered).await;
+        if registered {
+            attempt = 0;
+        }
+        let wait = backoff(attempt, min, max);
+        attempt = attempt.saturating_add(1);
+        match &end {
+            SessionEnd::Protocol(dialback_core::agent::AgentError::Refused {
+                code: ErrorCode::AuthFailed,
+                ..
+            })
+            | SessionEnd::Protocol(dialback_core::agent::AgentError::GatewayProofInvalid) => {
+                error!(service = %svc.name, "{end}; check the service password on both sides; retrying in {wait:.1?}")
+            }
+            _ if registered => {
+                warn!(service = %svc.name, "control session ended: {end}; reconnecting in {wait:.1?}")
+            }
+            _ => {
+                warn!(service = %svc.name, attempt, "registration failed: {end}; retrying in {wait:.1?}")
+            }
+        }
+        tokio::time::sleep(wait).await;
+    }
+}
+
+async fn dial(ctx: &Ctx, tls: bool) -> Result<MaybeTls, SessionEnd> {
+    let fut = async {
+        let tcp = TcpStream::connect(&ctx.gateway)
+            .await
+            .map_err(|e| SessionEnd::Connect {
+                addr: ctx.gateway.clone(),
+                err: e.to_string(),
+            })?;
+        let _ = tcp.set_nodelay(true);
+        if !tls {
+            return Ok(MaybeTls::Plain(tcp));
+        }
+        let s = ctx
+            .connector
+            .connect(ctx.server_name.clone(), tcp)
+            .await
+            .map_err(|e| SessionEnd::Tls {
+                addr: ctx.gateway.clone(),
+                err: e.to_string(),
+            })?;
+        Ok(MaybeTls::ClientTls(Box::new(s)))
+    };
+    tokio::time::timeout(ctx.connect_timeout, fut)
+        .await
+        .map_err(|_| SessionEnd::ConnectTimeout(ctx.connect_timeout))?
+}
+
+async fn session(
+    ctx: &Arc<Ctx>,
+    svc: &AgentService,
+    key: &PasswordKey,
+    registered: &mut bool,
+) -> SessionEnd {
+    let stream = match dial(ctx, true).await {
+        Ok(s) => s,
+        Err(e) => return e,
+    };
+    let exporter = match &stream {
+        MaybeTls::ClientTls(s) => tls::export_keying_material(s.get_ref().1),
+        _ => return SessionEnd::Io("control connection without TLS".into()),
+    };
+    let exporter = match exporter {
+        Ok(e) => e,
+        Err(e) => return SessionEnd::Io(e.to_string()),
+    };
+    let mut nonce = [0u8; 32];
+    if let Err(e) = getrandom::fill(&mut nonce) {
+        return SessionEnd::Io(format!("no randomness: {e}"));
+    }
+    let mut ctrl = AgentControl::new(
+        Instant::now(),
+        &svc.name,
+        key,
+        &exporter,
+        nonce,
+        &ctx.timing,
+        SOFTWARE,
+    );
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let (failed_tx, mut failed_rx) = mpsc::unbounded_channel::<(u64, ErrorCode, String)>();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        while let Some(bytes) = ctrl.poll_transmit() {
+            if let Err(e) = wr.write_all(&bytes).await {
+                return SessionEnd::Io(e.to_string());
+            }
+        }
+        while let Some(ev) = ctrl.poll_event() {
+            match ev {
+                AgentEvent::Registered {
+                    session_id,
+                    heartbeat,
+                    dead_after,
+                    data_tls,
+                } => {
+                    *registered = true;
+                    info!(service = %svc.name, gateway = %ctx.gateway, session = session_id, ?heartbeat, ?dead_after, data_tls, "registered with gateway");
+                }
+                AgentEvent::Connect(req) => {
+                    tokio::spawn(data_task(
+                        ctx.clone(),
+                        svc.local.clone(),
+                        svc.name.clone(),
+                        req,
+                        failed_tx.clone(),
+                    ));
+                }
+                AgentEvent::Closed(e) => {
+                    let _ = wr.shutdown().await;
+                    return SessionEnd::Protocol(e);
+                }
+            }
+        }
+        let deadline = ctrl
+            .poll_timeout()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            r = rd.read(&mut buf) => match r {
+                Ok(0) => return SessionEnd::Io("gateway closed the connection".into()),
+                Ok(n) => ctrl.handle_input(Instant::now(), &buf[..n]),
+                Err(e) => return SessionEnd::Io(e.to_string()),
+            },
+            _ = tokio::time::sleep_until(deadline.into()) => ctrl.handle_timeout(Instant::now()),
+            Some((id, code, msg)) = failed_rx.recv() => ctrl.connect_failed(Instant::now(), id, code, &msg),
+        }
+    }
+}
+
+async fn data_task(
+    ctx: Arc<Ctx>,
+    local: String,
+    service: String,
+    req: ConnectRequest,
+    failed: mpsc::UnboundedSender<(u64, ErrorCode, String)>,
+) {
+    let id = req.request_id;
+    let client = req
+        .client
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "-".into());
+    let mut gw = match dial(&ctx, req.data_tls).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(%service, %client, "cannot open data connection: {e}");
+            let _ = failed.send((id, ErrorCode::Internal, e.to_string()));
+            return;
+        }
+    };
+    let answer = async {
+        gw.write_all(&encode_data_hello(&req.hello))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut dec = AnswerDecoder::new();
+        let mut buf = [0u8; 512];
+        loop {
+            let n = gw.read(&mut buf).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("gateway closed the data connection before answering".to_owned());
+            }
+            let mut input = &buf[..n];
+            if dec.handle_input(&mut input).map_err(|e| e.to_string())? {
+                return Ok(input.to_vec());
+            }
+        }
+    };
+    let early = match tokio::time::timeout(ctx.connect_timeout, answer).await {
+        Ok(Ok(early)) => early,
+        Ok(Err(e)) => {
+            warn!(%service, %client, "data connection refused: {e}");
+            return;
+        }
+        Err(_) => {
+            warn!(%service, %client, "no answer to data hello within {:?}", ctx.connect_timeout);
+            return;
+        }
+    };
+    let mut local_conn =
+        match tokio::time::timeout(ctx.connect_timeout, TcpStream::connect(&local)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                warn!(%service, %client, %local, "cannot reach local service: {e}");
+                return;
+            }
+            Err(_) => {
+                warn!(%service, %client, %local, "timed out connecting to local service");
+                return;
+            }
+        };
+    let _ = local_conn.set_nodelay(true);
+    debug!(%service, %client, "relaying");
+    match crate::relay::relay(&mut local_conn, &mut gw, &early).await {
+        Ok((up, down)) => debug!(%service, %client, up, down, "data connection done"),
+        Err(e) => debug!(%service, %client, "data connection ended: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let (min, max) = (Duration::from_millis(500), Duration::from_secs(30));
+        for attempt in 0..40 {
+            let d = backoff(attempt, min, max);
+            let cap = min.saturating_mul(1u32 << attempt.min(20)).min(max);
+            assert!(
+                d >= cap / 2 && d <= cap,
+                "attempt {attempt}: {d:?} outside [{:?}, {cap:?}]",
+                cap / 2
+            );
+        }
+        assert!(backoff(30, min, max) <= max);
+    }
+
+    #[test]
+    fn host_splitting() {
+        assert_eq!(split_host("gw.example.com:7000"), Some("gw.example.com"));
+        assert_eq!(split_host("[::1]:7000"), Some("::1"));
+        assert_eq!(split_host("127.0.0.1:7000"), Some("127.0.0.1"));
+        assert_eq!(split_host("nohost"), None);
+        assert_eq!(split_host(":7000"), None);
+        assert_eq!(split_host("h:99999"), None);
+    }
+}

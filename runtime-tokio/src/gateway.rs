@@ -1,0 +1,557 @@
+//! The gateway on tokio: accepts agents' control and data connections on `listen`, public
+//! clients on each service's `tcp_listen`, and lets the core decide everything else.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use dialback_core::crypto::PasswordKey;
+use dialback_core::data::{encode_accept, encode_error, Classified, Intake};
+use dialback_core::gateway::{
+    ClientId, ConnId, Gateway, GatewayConfig, GatewayEvent, GatewayOutput, ServiceConfig,
+};
+use dialback_core::ErrorCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use crate::settings::GatewaySettings;
+use crate::stream::MaybeTls;
+use crate::tls;
+
+/// First byte of a TLS handshake record; anything else on `listen` is a plain data connection.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        addr: SocketAddr,
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("invalid timers: {0}")]
+    Timing(&'static str),
+    #[error("cannot get randomness from the operating system: {0}")]
+    Entropy(String),
+}
+
+enum CtrlCmd {
+    Write(Vec<u8>),
+    Close,
+}
+
+/// A paired data connection handed to the waiting client task.
+struct DataConn {
+    stream: MaybeTls,
+    /// Bytes the agent sent right behind its hello; they belong to the client.
+    early: Vec<u8>,
+}
+
+struct Inner {
+    core: Gateway,
+    conns: HashMap<ConnId, mpsc::UnboundedSender<CtrlCmd>>,
+    clients: HashMap<ClientId, oneshot::Sender<DataConn>>,
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    /// Wakes the timer task whenever the core may have a new earliest deadline.
+    timer: Notify,
+    ids: AtomicU64,
+    acceptor: tokio_rustls::TlsAcceptor,
+    handshake_timeout: Duration,
+    token_ttl: Duration,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock would be a bug; keep serving rather than cascade.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn next_id(&self) -> u64 {
+        self.ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Carries out everything the core asked for. Call with the lock held, after every input.
+    fn drive(&self, inner: &mut Inner) {
+        while let Some(out) = inner.core.poll_output() {
+            match out {
+                GatewayOutput::Transmit { conn, bytes } => {
+                    if let Some(tx) = inner.conns.get(&conn) {
+                        let _ = tx.send(CtrlCmd::Write(bytes));
+                    }
+                }
+                GatewayOutput::Close { conn } => {
+                    if let Some(tx) = inner.conns.remove(&conn) {
+                        let _ = tx.send(CtrlCmd::Close);
+                    }
+                }
+                GatewayOutput::ClientFailed {
+                    client,
+                    code,
+                    reason,
+                } => {
+                    // Dropping the sender wakes the client task, which closes the client.
+                    if inner.clients.remove(&client).is_some() {
+                        info!(client = client.0, code = %code, "closing client: {reason}");
+                    }
+                }
+                GatewayOutput::Event(e) => log_event(e),
+            }
+        }
+        self.timer.notify_one();
+    }
+}
+
+fn log_event(e: GatewayEvent) {
+    match e {
+        GatewayEvent::Registered {
+            conn,
+            peer,
+            service,
+            session_id,
+            software,
+        } => {
+            info!(conn = conn.0, %peer, %service, session = session_id, agent = %software, "agent registered");
+        }
+        GatewayEvent::Rejected {
+            conn,
+            peer,
+            service,
+            code,
+            reason,
+        } => {
+            warn!(conn = conn.0, %peer, service = service.as_deref().unwrap_or("-"), code = %code, "control connection refused: {reason}");
+        }
+        GatewayEvent::SessionEnded {
+            conn,
+            service,
+            session_id,
+            reason,
+        } => {
+            warn!(conn = conn.0, %service, session = session_id, "agent session ended: {reason}");
+        }
+    }
+}
+
+/// A gateway whose listeners are bound; [`BoundGateway::run`] serves until shutdown.
+pub struct BoundGateway {
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    services: Vec<(String, TcpListener)>,
+    fingerprint: [u8; 32],
+}
+
+impl BoundGateway {
+    /// Loads the TLS identity, stretches the service passwords and binds every listener, so
+    /// that configuration problems surface before anything is served.
+    pub async fn bind(settings: GatewaySettings) -> Result<Self, GatewayError> {
+        settings.timing.validate().map_err(GatewayError::Timing)?;
+        let (identity, origin) = tls::load_identity(&settings.identity)?;
+        match &origin {
+            tls::IdentityOrigin::Generated(p) => {
+                info!(path = %p.display(), "generated a self-signed gateway certificate")
+            }
+            tls::IdentityOrigin::StateDir(p) => {
+                info!(path = %p.display(), "using gateway certificate")
+            }
+            tls::IdentityOrigin::Files => info!("using the configured gateway certificate"),
+        }
+        let fingerprint = identity.fingerprint();
+        info!(fingerprint = %tls::format_fingerprint(&fingerprint), "agents can pin this certificate");
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(&identity)?);
+
+        let services_in = settings.services.clone();
+        let services = tokio::task::spawn_blocking(move || {
+            services_in
+                .into_iter()
+                .map(|s| ServiceConfig {
+                    password_key: PasswordKey::derive(&s.name, &s.password.0),
+                    name: s.name,
+                    data_tls: s.data_tls,
+                    max_pending: s.max_pending,
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| GatewayError::Entropy(e.to_string()))?;
+
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|e| GatewayError::Entropy(e.to_string()))?;
+        let core = Gateway::new(
+            GatewayConfig {
+                timing: settings.timing,
+                services,
+            },
+            seed,
+        );
+
+        let listener = bind(settings.listen, "agents' listen").await?;
+        let mut service_listeners = Vec::new();
+        for s in &settings.services {
+            if let Some(addr) = s.tcp_listen {
+                let l = bind(addr, &format!("tcp_listen of service {}", s.name)).await?;
+                service_listeners.push((s.name.clone(), l));
+            }
+        }
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(Inner {
+                core,
+                conns: HashMap::new(),
+                clients: HashMap::new(),
+            }),
+            timer: Notify::new(),
+            ids: AtomicU64::new(1),
+            acceptor,
+            handshake_timeout: settings.timing.handshake_timeout,
+            token_ttl: settings.timing.token_ttl,
+        });
+        Ok(BoundGateway {
+            shared,
+            listener,
+            services: service_listeners,
+            fingerprint,
+        })
+    }
+
+    pub fn listen_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The bound public address of a service's `tcp_listen`.
+    pub fn service_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.services
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, l)| l.local_addr().ok())
+    }
+
+    pub fn fingerprint(&self) -> [u8; 32] {
+        self.fingerprint
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting and returns. Established relays
+    /// are left to finish on the runtime.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let BoundGateway {
+            shared,
+            listener,
+            services,
+            ..
+        } = self;
+        info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening for agents");
+        let mut tasks = JoinSet::new();
+        tasks.spawn(timer_task(shared.clone()));
+        tasks.spawn(agent_accept_loop(shared.clone(), listener));
+        for (name, l) in services {
+            info!(service = %name, addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening for clients");
+            tasks.spawn(client_accept_loop(shared.clone(), name, l));
+        }
+        shutdown.await;
+        info!("shutting down");
+        tasks.abort_all();
+    }
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, GatewayError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| GatewayError::Bind {
+            addr,
+            what: what.to_owned(),
+            source,
+        })
+}
+
+async fn timer_task(shared: Arc<Shared>) {
+    loop {
+        let deadline = shared.lock().core.poll_timeout();
+        let notified = shared.timer.notified();
+        match deadline {
+            Some(t) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(t.into()) => {}
+                    _ = notified => continue,
+                }
+            }
+            None => {
+                notified.await;
+                continue;
+            }
+        }
+        let mut inner = shared.lock();
+        inner.core.handle_timeout(Instant::now());
+        shared.drive(&mut inner);
+    }
+}
+
+async fn accept_backoff(e: &std::io::Error) {
+    // EMFILE and friends: back off instead of spinning on a failing accept.
+    warn!("accept failed: {e}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+async fn agent_accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(agent_conn(shared.clone(), stream, peer));
+            }
+            Err(e) => accept_backoff(&e).await,
+        }
+    }
+}
+
+/// Reads until the intake has classified the connection. Returns the classification and the
+/// bytes read past it.
+async fn classify(stream: &mut MaybeTls, tls: bool) -> Result<(Classified, Vec<u8>), String> {
+    let mut intake = Intake::new(tls);
+    let mut buf = [0u8; 512];
+    loop {
+        let n = stream
+            .read(&mut buf)
+            .await
+            .map_err(|e| format!("read failed: {e}"))?;
+        if n == 0 {
+            return Err("closed before its hello".into());
+        }
+        let mut input = &buf[..n];
+        match intake.handle_input(&mut input) {
+            Ok(Some(c)) => return Ok((c, input.to_vec())),
+            Ok(None) => {}
+            Err(e) => {
+                if let Some(code) = e.code() {
+                    let _ = stream.write_all(&encode_error(code, &e.to_string())).await;
+                    let _ = stream.shutdown().await;
+                }
+                return Err(e.to_string());
+            }
+        }
+    }
+}
+
+async fn agent_conn(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+    let timeout = shared.handshake_timeout;
+    let opened = tokio::time::timeout(timeout, async {
+        let mut first = [0u8; 1];
+        let n = tcp
+            .peek(&mut first)
+            .await
+            .map_err(|e| format!("read failed: {e}"))?;
+        if n == 0 {
+            return Err("closed without sending anything".to_owned());
+        }
+        let mut stream = if first[0] == TLS_HANDSHAKE_RECORD {
+            let tls = shared
+                .acceptor
+                .accept(tcp)
+                .await
+                .map_err(|e| format!("TLS handshake failed: {e}"))?;
+            MaybeTls::ServerTls(Box::new(tls))
+        } else {
+            MaybeTls::Plain(tcp)
+        };
+        let tls = stream.is_tls();
+        let (class, rest) = classify(&mut stream, tls).await?;
+        Ok((stream, class, rest))
+    })
+    .await;
+    let (stream, class, rest) = match opened {
+        Ok(Ok(v)) => v,
+        Ok(Err(reason)) => {
+            warn!(%peer, "connection on agent port dropped: {reason}");
+            return;
+        }
+        Err(_) => {
+            warn!(%peer, "connection on agent port dropped: no hello within {timeout:?}");
+            return;
+        }
+    };
+    match class {
+        Classified::Control => control_conn(shared, stream, peer, rest).await,
+        Classified::Data(hello) => data_conn(shared, stream, peer, hello, rest).await,
+    }
+}
+
+async fn control_conn(shared: Arc<Shared>, stream: MaybeTls, peer: SocketAddr, early: Vec<u8>) {
+    let exporter = match &stream {
+        MaybeTls::ServerTls(s) => tls::export_keying_material(s.get_ref().1),
+        _ => return, // the intake refuses control connections without TLS
+    };
+    let exporter = match exporter {
+        Ok(e) => e,
+        Err(e) => {
+            warn!(%peer, "control connection dropped: {e}");
+            return;
+        }
+    };
+    let conn = ConnId(shared.next_id());
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    {
+        let mut inner = shared.lock();
+        inner.conns.insert(conn, tx);
+        let now = Instant::now();
+        inner.core.handle_control_open(now, conn, peer, exporter);
+        inner.core.handle_control_input(now, conn, &early);
+        shared.drive(&mut inner);
+    }
+    debug!(conn = conn.0, %peer, "control connection opened");
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let (closed_tx, mut closed_rx) = oneshot::channel::<()>();
+    let writer = tokio::spawn(async move {
+        while let Some(cmd) = rx.recv().await {
+            match cmd {
+                CtrlCmd::Write(b) => {
+                    if wr.write_all(&b).await.is_err() {
+                        break;
+                    }
+                }
+                CtrlCmd::Close => break,
+            }
+        }
+        let _ = wr.flush().await;
+        let _ = wr.shutdown().await;
+        let _ = closed_tx.send(());
+    });
+    let mut buf = vec![0u8; 4096];
+    loop {
+        tokio::select! {
+            r = rd.read(&mut buf) => {
+                let n = match r {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let mut inner = shared.lock();
+                inner.core.handle_control_input(Instant::now(), conn, &buf[..n]);
+                shared.drive(&mut inner);
+            }
+            _ = &mut closed_rx => break,
+        }
+    }
+    {
+        let mut inner = shared.lock();
+        inner.core.handle_control_closed(Instant::now(), conn);
+        shared.drive(&mut inner);
+        if let Some(tx) = inner.conns.remove(&conn) {
+            let _ = tx.send(CtrlCmd::Close);
+        }
+    }
+    let _ = writer.await;
+    debug!(conn = conn.0, %peer, "control connection closed");
+}
+
+async fn data_conn(
+    shared: Arc<Shared>,
+    mut stream: MaybeTls,
+    peer: SocketAddr,
+    hello: dialback_core::wire::DataHello,
+    early: Vec<u8>,
+) {
+    let tls = stream.is_tls();
+    let waiting = {
+        let mut inner = shared.lock();
+        let r = inner.core.handle_data_hello(Instant::now(), &hello, tls);
+        let waiting = match r {
+            Ok(p) => inner
+                .clients
+                .remove(&p.client)
+                .map(|tx| (p, tx))
+                .ok_or(None),
+            Err(rej) => Err(Some(rej)),
+        };
+        shared.drive(&mut inner);
+        waiting
+    };
+    let (paired, tx) = match waiting {
+        Ok(v) => v,
+        Err(rej) => {
+            let (code, msg) = match rej {
+                Some(r) => (r.code, r.message),
+                None => (
+                    ErrorCode::SessionGone,
+                    "the client left before the data connection arrived".to_owned(),
+                ),
+            };
+            warn!(%peer, service = %hello.service, code = %code, "data connection refused: {msg}");
+            let _ = stream.write_all(&encode_error(code, &msg)).await;
+            let _ = stream.shutdown().await;
+            return;
+        }
+    };
+    if let Err(e) = stream.write_all(&encode_accept()).await {
+        warn!(%peer, service = %paired.service, "data connection lost before pairing: {e}");
+        return; // dropping `tx` closes the client
+    }
+    debug!(%peer, service = %paired.service, request = paired.request_id, "data connection paired");
+    let _ = tx.send(DataConn { stream, early });
+}
+
+async fn client_accept_loop(shared: Arc<Shared>, service: String, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(client_conn(shared.clone(), service.clone(), stream, peer));
+            }
+            Err(e) => accept_backoff(&e).await,
+        }
+    }
+}
+
+async fn client_conn(
+    shared: Arc<Shared>,
+    service: String,
+    mut client: TcpStream,
+    peer: SocketAddr,
+) {
+    let id = ClientId(shared.next_id());
+    let (tx, rx) = oneshot::channel();
+    {
+        let mut inner = shared.lock();
+        inner.clients.insert(id, tx);
+        let r = inner.core.handle_client(
+            Instant::now(),
+            id,
+            &service,
+            Some(peer),
+            client.local_addr().ok(),
+        );
+        if let Err(e) = r {
+            inner.clients.remove(&id);
+            shared.drive(&mut inner);
+            drop(inner);
+            info!(%peer, %service, "client refused: {e}");
+            return;
+        }
+        shared.drive(&mut inner);
+    }
+    // The core fails the client when its token expires; the outer timeout is a safety net.
+    let guard = shared.token_ttl + Duration::from_secs(5);
+    let data = match tokio::time::timeout(guard, rx).await {
+        Ok(Ok(d)) => d,
+        Ok(Err(_)) => return, // failed by the core; the reason was logged there
+        Err(_) => {
+            let mut inner = shared.lock();
+            inner.core.handle_client_gone(Instant::now(), id);
+            inner.clients.remove(&id);
+            shared.drive(&mut inner);
+            warn!(%peer, %service, "client dropped: no data connection within {guard:?}");
+            return;
+        }
+    };
+    let DataConn { mut stream, early } = data;
+    match crate::relay::relay(&mut client, &mut stream, &early).await {
+        Ok((up, down)) => debug!(%peer, %service, up, down, "client done"),
+        Err(e) => debug!(%peer, %service, "client relay ended: {e}"),
+    }
+}

@@ -1,0 +1,8 @@
+//! Runs the dialback core on tokio, with rustls for the control channel.
+
+pub mod agent;
+pub mod gateway;
+pub mod relay;
+pub mod settings;
+pub mod stream;
+pub mod tls;

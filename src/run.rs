@@ -1,0 +1,207 @@
+//! Starting the runtimes from the command line, and the self-contained demo.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::Context;
+use dialback_tokio::agent;
+use dialback_tokio::gateway::BoundGateway;
+use dialback_tokio::settings::{
+    AgentService, AgentSettings, GatewayService, GatewaySettings, GatewayTrust, IdentitySource,
+    Secret, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_PENDING,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::info;
+
+pub struct DemoOptions {
+    pub gateway_port: u16,
+    pub public_port: u16,
+    /// Fetch the demo page once through the tunnel, print it, and exit (for scripted checks).
+    pub check: bool,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+pub fn gateway(settings: GatewaySettings) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        let gw = BoundGateway::bind(settings).await?;
+        gw.run(shutdown_signal()).await;
+        Ok(())
+    })
+}
+
+pub fn agent(settings: AgentSettings) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        agent::run(settings, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+pub fn demo(opts: DemoOptions) -> anyhow::Result<()> {
+    runtime()?.block_on(demo_async(opts))
+}
+
+async fn demo_async(opts: DemoOptions) -> anyhow::Result<()> {
+    let loopback = Ipv4Addr::LOCALHOST;
+    let web = TcpListener::bind((loopback, 0))
+        .await
+        .context("cannot start the demo web service")?;
+    let web_addr = web.local_addr()?;
+    tokio::spawn(demo_web(web));
+
+    let state = std::env::temp_dir().join(format!("dialback-demo-{}", std::process::id()));
+    let password = {
+        let mut b = [0u8; 16];
+        getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+        hex::encode(b)
+    };
+    let gw_settings = GatewaySettings {
+        listen: SocketAddr::from((loopback, opts.gateway_port)),
+        identity: IdentitySource {
+            cert: None,
+            key: None,
+            state_dir: state.clone(),
+        },
+        timing: Default::default(),
+        services: vec![GatewayService {
+            name: "demo".into(),
+            password: Secret(password.clone()),
+            tcp_listen: Some(SocketAddr::from((loopback, opts.public_port))),
+            data_tls: false,
+            max_pending: DEFAULT_MAX_PENDING,
+        }],
+    };
+    let gw = BoundGateway::bind(gw_settings).await.context("cannot start the demo gateway (is another program using the port? try --gateway-port/--public-port)")?;
+    let gw_addr = gw.listen_addr()?;
+    let public = gw
+        .service_addr("demo")
+        .context("demo service has no public address")?;
+    let fingerprint = gw.fingerprint();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut gw_stop = stop_rx.clone();
+    let gw_task = tokio::spawn(gw.run(async move {
+        let _ = gw_stop.wait_for(|s| *s).await;
+    }));
+
+    let agent_settings = AgentSettings {
+        gateway: gw_addr.to_string(),
+        server_name: None,
+        trust: GatewayTrust::Fingerprint(fingerprint),
+        services: vec![AgentService {
+            name: "demo".into(),
+            password: Secret(password),
+            local: web_addr.to_string(),
+        }],
+        reconnect_min: Duration::from_millis(100),
+        reconnect_max: Duration::from_secs(5),
+        connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+    };
+    let mut agent_stop = stop_rx.clone();
+    let agent_task = tokio::spawn(agent::run(agent_settings, async move {
+        let _ = agent_stop.wait_for(|s| *s).await;
+    }));
+
+    let url = format!("http://{public}/");
+    info!(gateway = %gw_addr, web = %web_addr, "demo running: gateway, agent and a web service on loopback");
+    let result = if opts.check {
+        let page = fetch_through_tunnel(public).await;
+        match &page {
+            Ok(body) => println!("{body}"),
+            Err(e) => eprintln!("error: {e:#}"),
+        }
+        page.map(|_| ())
+    } else {
+        println!("dialback demo is up: open {url}");
+        println!("(the page is served by a private web service, reached through the agent's tunnel; Ctrl-C stops)");
+        shutdown_signal().await;
+        Ok(())
+    };
+    let _ = stop_tx.send(true);
+    let _ = gw_task.await;
+    let _ = agent_task.await;
+    let _ = std::fs::remove_dir_all(&state);
+    result
+}
+
+/// GETs the demo page through the gateway, retrying while the agent registers.
+async fn fetch_through_tunnel(public: SocketAddr) -> anyhow::Result<String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut last_err = anyhow::anyhow!("no attempt made");
+    while tokio::time::Instant::now() < deadline {
+        match get(public).await {
+            Ok(body) if body.starts_with("HTTP/1.0 200") => return Ok(body),
+            Ok(body) => {
+                last_err =
+                    anyhow::anyhow!("unexpected answer: {}", body.lines().next().unwrap_or(""))
+            }
+            Err(e) => last_err = e,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(last_err.context("the demo page could not be fetched through the tunnel within 20s"))
+}
+
+async fn get(addr: SocketAddr) -> anyhow::Result<String> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(b"GET / HTTP/1.0\r\nHost: demo\r\n\r\n").await?;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await??;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// A tiny HTTP/1.0 responder standing in for the private service an agent publishes.
+async fn demo_web(listener: TcpListener) {
+    loop {
+        let Ok((mut s, peer)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let body = format!(
+                "<!doctype html><html><head><title>dialback demo</title></head><body>\
+                 <h1>Hello through dialback</h1>\
+                 <p>This page comes from a private web service at {}, reached by the gateway \
+                 through a data connection the agent dialed back.</p>\
+                 <p>The web service saw the agent connecting from {}.</p></body></html>\n",
+                s.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+                peer
+            );
+            let resp = format!(
+                "HTTP/1.0 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+                body.len(),
+                body
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+            let _ = s.shutdown().await;
+        });
+    }
+}
