@@ -30,7 +30,7 @@ pub enum LogFormat {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Runtime {
-    /// tokio with splice(2) on the data path
+    /// tokio, multi-threaded (the default)
     Tokio,
 }
 
