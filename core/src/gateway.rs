@@ -17,6 +17,7 @@ use crate::error::ErrorCode;
 use crate::timing::Timing;
 use crate::wire::{
     Connect, DataHello, ErrorFrame, FrameDecoder, Hello, Message, Welcome, WireError,
+    MAX_SERVICE_NAME,
 };
 
 /// A control connection, numbered by the runtime.
@@ -576,16 +577,25 @@ impl Gateway {
             return;
         };
         let (peer, exporter) = (c.peer, c.exporter);
-        let svc = self.services.get(&h.service);
-        let keys = svc.map(|s| SessionKeys::derive(&s.cfg.password_key, &exporter));
-        let proof_ok = keys
-            .as_ref()
-            .is_some_and(|k| ct_eq(&k.agent_proof(&h.service, &h.agent_nonce), &h.proof));
-        let (Some(svc), Some(keys), true) = (svc, keys, proof_ok) else {
-            let reason = if svc.is_none() {
+        if h.service.is_empty() || h.service.len() > MAX_SERVICE_NAME {
+            let reason = format!("service name must be 1 to {MAX_SERVICE_NAME} bytes");
+            self.close(conn, Some(ErrorCode::Malformed), reason);
+            return;
+        }
+        let svc = self
+            .services
+            .get(&h.service)
+            .map(|s| (s.cfg.password_key.clone(), s.cfg.data_tls, s.session));
+        // An unknown service costs the same work as a known one, so timing does not tell
+        // which services exist.
+        let unknown = PasswordKey::from_bytes([0; 32]);
+        let keys = SessionKeys::derive(svc.as_ref().map_or(&unknown, |s| &s.0), &exporter);
+        let proof_ok = ct_eq(&keys.agent_proof(&h.service, &h.agent_nonce), &h.proof);
+        let (Some((_, data_tls, existing)), true) = (svc, proof_ok) else {
+            let reason = if proof_ok {
                 "unknown service"
             } else {
-                "wrong password proof"
+                "wrong password proof or unknown service"
             };
             self.reject(
                 conn,
@@ -597,27 +607,38 @@ impl Gateway {
             );
             return;
         };
-        if let Some(existing) = svc.session {
-            let since = self
-                .conns
-                .get(&existing)
-                .map(|c| now.saturating_duration_since(c.last_rx));
-            let detail = match (since, self.conns.get(&existing)) {
-                (Some(quiet), Some(c)) => format!(
-                    "service {:?} already has a live agent (from {}, last heard {} ago); a new one is accepted once it has been silent for dead_after",
-                    h.service, c.peer, fmt_duration(quiet)
-                ),
-                _ => format!("service {:?} already has a live agent", h.service),
-            };
-            self.reject(
-                conn,
-                peer,
-                Some(h.service),
-                ErrorCode::AlreadyRegistered,
-                "already registered",
-                &detail,
-            );
-            return;
+        if let Some(existing) = existing {
+            if let Some(old) = self.conns.get(&existing) {
+                let quiet = now.saturating_duration_since(old.last_rx);
+                let dead_after = match &old.state {
+                    ConnState::Registered(s) => s.timing.dead_after,
+                    ConnState::AwaitHello { .. } => Duration::ZERO,
+                };
+                if quiet < dead_after {
+                    let detail = format!(
+                        "service {:?} already has a live agent (from {}, last heard {} ago); a new one is accepted once it has been silent for {}",
+                        h.service,
+                        old.peer,
+                        fmt_duration(quiet),
+                        fmt_duration(dead_after)
+                    );
+                    self.reject(
+                        conn,
+                        peer,
+                        Some(h.service),
+                        ErrorCode::AlreadyRegistered,
+                        "already registered",
+                        &detail,
+                    );
+                    return;
+                }
+                // Its timer has not fired yet, but it is dead all the same: replace it now.
+                let reason = format!(
+                    "agent silent for {} (dead_after), replaced by a new registration",
+                    fmt_duration(quiet)
+                );
+                self.close(existing, None, reason);
+            }
         }
         let session_id = self.next_session;
         self.next_session = self.next_session.wrapping_add(1);
@@ -630,7 +651,6 @@ impl Gateway {
             session_id,
         );
         let timing = self.timing;
-        let data_tls = svc.cfg.data_tls;
         let welcome = Welcome {
             gateway_nonce,
             proof,
