@@ -24,6 +24,5 @@ fi
 
 cargo build --workspace --all-targets --locked
 # nextest runs every test in its own process, so end-to-end tests cannot disturb each other.
+# (The crates have no doctests; nextest does not run them.)
 cargo nextest run --workspace --locked --no-fail-fast "$@"
-# nextest does not run doctests.
-cargo test --workspace --locked --doc

@@ -304,3 +304,30 @@ fn demo_serves_its_page_through_the_tunnel() {
         "demo page: {stdout}"
     );
 }
+
+#[test]
+fn data_tls_service_relays_under_tls() {
+    let dir = Dir::new();
+    let conf = dir.write(
+        "gateway.toml",
+        &format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = \"state\"\n{FAST_TIMERS}\n[services.sealed]\npassword = \"{PW}\"\ntcp_listen = \"127.0.0.1:0\"\ndata_tls = true\n"
+        ),
+    );
+    let gw = RunningGateway::start(&conf);
+    let echo = echo_server();
+    let agent = agent(&dir, &gw, "agent.toml", &[("sealed", PW, echo)]);
+    agent.wait_for("registered with data_tls", STARTUP, |l| {
+        message_is(l, "registered with gateway") && field(l, "data_tls").as_deref() == Some("true")
+    });
+    let data = random_bytes(4 << 20, 77);
+    let back = roundtrip(
+        gw.service_addr("sealed"),
+        data.clone(),
+        Duration::from_secs(60),
+    );
+    assert!(
+        back == data,
+        "4 MiB through a TLS data channel came back different"
+    );
+}
