@@ -1,22 +1,52 @@
-//! Moving payload bytes between a public client and a data connection once they are paired.
+//! Moving payload bytes between a public client (or local service) and a data connection once
+//! they are paired: splice(2) when both ends are plain TCP, buffered copies under TLS.
 
 use std::io;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tracing::debug;
 
-/// Relays both directions until both are finished. `a_early` are bytes already read from `b`'s
-/// peer side that belong to `a` (e.g. payload that arrived right behind a handshake frame);
-/// they are written to `a` first, never dropped. An EOF in one direction is passed on as a
-/// write shutdown while the other direction keeps flowing (half-close).
-/// Returns (bytes a→b, bytes b→a).
-pub async fn relay<A, B>(a: &mut A, b: &mut B, a_early: &[u8]) -> io::Result<(u64, u64)>
-where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
-{
+use crate::splice;
+use crate::stream::MaybeTls;
+
+/// Relays both directions until both are finished. `a_early` are bytes that already arrived
+/// for `a` (payload right behind a handshake frame); they are written to `a` first, never
+/// dropped. An EOF in one direction is passed on as a write shutdown while the other direction
+/// keeps flowing (half-close). Returns (bytes a→b, bytes b→a).
+pub async fn relay(a: &mut TcpStream, b: MaybeTls, a_early: &[u8]) -> io::Result<(u64, u64)> {
+    let mut early = a_early.len() as u64;
     if !a_early.is_empty() {
         a.write_all(a_early).await?;
     }
-    let (ab, ba) = tokio::io::copy_bidirectional_with_sizes(a, b, 64 * 1024, 64 * 1024).await?;
-    Ok((ab, ba + a_early.len() as u64))
+    let plain = match b {
+        MaybeTls::Plain(tcp) => tcp,
+        MaybeTls::Outbound(out) => {
+            let (rest, tcp) = out.into_parts();
+            if !rest.is_empty() {
+                a.write_all(&rest).await?;
+                early += rest.len() as u64;
+            }
+            tcp
+        }
+        mut tls => {
+            let (ab, ba) =
+                tokio::io::copy_bidirectional_with_sizes(a, &mut tls, 16 * 1024, 16 * 1024).await?;
+            return Ok((ab, ba + early));
+        }
+    };
+    match splice::Pipes::new() {
+        Ok(pipes) => {
+            let (ab, ba) = splice::relay(a, &plain, pipes).await?;
+            Ok((ab, ba + early))
+        }
+        Err(e) => {
+            debug!("no pipes for splice ({e}); copying through user space");
+            let mut plain = plain;
+            let (ab, ba) =
+                tokio::io::copy_bidirectional_with_sizes(a, &mut plain, 16 * 1024, 16 * 1024)
+                    .await?;
+            Ok((ab, ba + early))
+        }
+    }
 }
