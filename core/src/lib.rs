@@ -14,11 +14,13 @@
 )]
 
 pub mod agent;
+pub mod connect_chain;
 pub mod crypto;
 pub mod data;
 pub mod drbg;
 pub mod error;
 pub mod gateway;
+pub mod ntlm;
 pub mod timing;
 pub mod wire;
 
