@@ -3,19 +3,26 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Real components the end-to-end tests run: squid proxies (Basic via basic_ncsa_auth with an
+# htpasswd file, NTLM via ntlm_fake_auth), and pyspnego as an independent NTLM implementation.
 need_apt=()
-# Tools the test suite calls; more arrive with the proxy, HTTP and benchmark suites.
-for tool in curl; do
-  command -v "$tool" >/dev/null 2>&1 || need_apt+=("$tool")
-done
+[ -x /usr/sbin/squid ] || need_apt+=(squid)
+command -v htpasswd >/dev/null 2>&1 || need_apt+=(apache2-utils)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+command -v python3 >/dev/null 2>&1 || need_apt+=(python3 python3-pip)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    # The package starts a system-wide squid on :3128; the tests start their own.
+    (systemctl stop squid || service squid stop || pkill -x squid) >/dev/null 2>&1 || true
   else
-    echo "missing tools: ${need_apt[*]} (install them, or run as root)" >&2
+    echo "missing packages: ${need_apt[*]} (install them, or run as root)" >&2
     exit 1
   fi
+fi
+if ! python3 -c 'import spnego' >/dev/null 2>&1; then
+  python3 -m pip install --quiet pyspnego || python3 -m pip install --quiet --break-system-packages pyspnego
 fi
 
 if ! command -v cargo-nextest >/dev/null 2>&1; then

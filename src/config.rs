@@ -7,6 +7,7 @@ mod agent;
 mod common;
 mod duration;
 mod gateway;
+mod proxies;
 mod source;
 
 use std::ffi::OsString;

@@ -117,6 +117,7 @@ async fn demo_async(opts: DemoOptions) -> anyhow::Result<()> {
         reconnect_min: Duration::from_millis(100),
         reconnect_max: Duration::from_secs(5),
         connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        proxies: Vec::new(),
     };
     let mut agent_stop = stop_rx.clone();
     let agent_task = tokio::spawn(agent::run(agent_settings, async move {

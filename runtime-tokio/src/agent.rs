@@ -32,8 +32,8 @@ pub enum AgentSetupError {
 /// Why one attempt to hold a control session ended.
 #[derive(Debug, thiserror::Error)]
 enum SessionEnd {
-    #[error("cannot connect to gateway {addr}: {err}")]
-    Connect { addr: String, err: String },
+    #[error("{0}")]
+    Connect(String),
     #[error("TLS handshake with gateway {addr} failed: {err}")]
     Tls { addr: String, err: String },
     #[error("timed out after {0:?} connecting to the gateway")]
@@ -50,6 +50,7 @@ struct Ctx {
     connector: tokio_rustls::TlsConnector,
     connect_timeout: Duration,
     timing: Timing,
+    proxies: Vec<dialback_core::connect_chain::ProxyHop>,
 }
 
 /// Runs every configured service until `shutdown` completes.
@@ -89,7 +90,16 @@ pub async fn run(
             handshake_timeout: settings.connect_timeout,
             ..Timing::default()
         },
+        proxies: settings.proxies.clone(),
     });
+    if !settings.proxies.is_empty() {
+        info!(
+            "reaching gateway {} through {} proxies: {}",
+            settings.gateway,
+            settings.proxies.len(),
+            crate::outbound::describe(&settings.proxies)
+        );
+    }
     let mut tasks = JoinSet::new();
     for svc in settings.services.clone() {
         let ctx = ctx.clone();
@@ -171,19 +181,15 @@ async fn service_loop(
 
 async fn dial(ctx: &Ctx, tls: bool) -> Result<MaybeTls, SessionEnd> {
     let fut = async {
-        let tcp = TcpStream::connect(&ctx.gateway)
+        let out = crate::outbound::connect(&ctx.gateway, &ctx.proxies, ctx.connect_timeout)
             .await
-            .map_err(|e| SessionEnd::Connect {
-                addr: ctx.gateway.clone(),
-                err: e.to_string(),
-            })?;
-        let _ = tcp.set_nodelay(true);
+            .map_err(SessionEnd::Connect)?;
         if !tls {
-            return Ok(MaybeTls::Plain(tcp));
+            return Ok(MaybeTls::Outbound(out));
         }
         let s = ctx
             .connector
-            .connect(ctx.server_name.clone(), tcp)
+            .connect(ctx.server_name.clone(), out)
             .await
             .map_err(|e| SessionEnd::Tls {
                 addr: ctx.gateway.clone(),
@@ -339,7 +345,7 @@ async fn data_task(
         };
     let _ = local_conn.set_nodelay(true);
     debug!(%service, %client, "relaying");
-    match crate::relay::relay(&mut local_conn, &mut gw, &early).await {
+    match crate::relay::relay(&mut local_conn, gw, &early).await {
         Ok((up, down)) => debug!(%service, %client, up, down, "data connection done"),
         Err(e) => debug!(%service, %client, "data connection ended: {e}"),
     }

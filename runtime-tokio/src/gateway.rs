@@ -549,8 +549,8 @@ async fn client_conn(
             return;
         }
     };
-    let DataConn { mut stream, early } = data;
-    match crate::relay::relay(&mut client, &mut stream, &early).await {
+    let DataConn { stream, early } = data;
+    match crate::relay::relay(&mut client, stream, &early).await {
         Ok((up, down)) => debug!(%peer, %service, up, down, "client done"),
         Err(e) => debug!(%peer, %service, "client relay ended: {e}"),
     }

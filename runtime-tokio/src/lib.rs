@@ -2,7 +2,9 @@
 
 pub mod agent;
 pub mod gateway;
+pub mod outbound;
 pub mod relay;
 pub mod settings;
+pub mod splice;
 pub mod stream;
 pub mod tls;

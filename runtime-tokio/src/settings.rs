@@ -76,6 +76,8 @@ pub struct AgentSettings {
     pub reconnect_max: Duration,
     /// Timeout for TCP connect + TLS handshake + registration, and for dialing `local`.
     pub connect_timeout: Duration,
+    /// HTTP CONNECT proxies to pass through, in order, for control and data connections.
+    pub proxies: Vec<dialback_core::connect_chain::ProxyHop>,
 }
 
 #[derive(Debug, Clone)]

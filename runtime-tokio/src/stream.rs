@@ -8,15 +8,20 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::outbound::Outbound;
+
 pub enum MaybeTls {
+    /// The gateway's side of a plain connection.
     Plain(TcpStream),
     ServerTls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
-    ClientTls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// The agent's side of a plain connection (possibly through proxies).
+    Outbound(Outbound),
+    ClientTls(Box<tokio_rustls::client::TlsStream<Outbound>>),
 }
 
 impl MaybeTls {
     pub fn is_tls(&self) -> bool {
-        !matches!(self, MaybeTls::Plain(_))
+        matches!(self, MaybeTls::ServerTls(_) | MaybeTls::ClientTls(_))
     }
 }
 
@@ -28,6 +33,7 @@ impl AsyncRead for MaybeTls {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            MaybeTls::Outbound(s) => Pin::new(s).poll_read(cx, buf),
             MaybeTls::ServerTls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             MaybeTls::ClientTls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
@@ -42,6 +48,7 @@ impl AsyncWrite for MaybeTls {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            MaybeTls::Outbound(s) => Pin::new(s).poll_write(cx, buf),
             MaybeTls::ServerTls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             MaybeTls::ClientTls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
@@ -50,6 +57,7 @@ impl AsyncWrite for MaybeTls {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_flush(cx),
+            MaybeTls::Outbound(s) => Pin::new(s).poll_flush(cx),
             MaybeTls::ServerTls(s) => Pin::new(s.as_mut()).poll_flush(cx),
             MaybeTls::ClientTls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
@@ -58,6 +66,7 @@ impl AsyncWrite for MaybeTls {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            MaybeTls::Outbound(s) => Pin::new(s).poll_shutdown(cx),
             MaybeTls::ServerTls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             MaybeTls::ClientTls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }

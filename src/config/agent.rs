@@ -31,6 +31,8 @@ struct RawAgent {
     reconnect_max: Option<Spanned<RawDuration>>,
     connect_timeout: Option<Spanned<RawDuration>>,
     #[serde(default)]
+    proxies: Vec<super::proxies::RawProxy>,
+    #[serde(default)]
     services: BTreeMap<Spanned<String>, RawService>,
 }
 
@@ -108,6 +110,7 @@ pub fn parse(
         &raw.connect_timeout,
         DEFAULT_CONNECT_TIMEOUT,
     )?;
+    let proxies = super::proxies::parse(src, raw.proxies, env)?;
     let services = services(src, raw.services, env, &mut warnings)?;
     Ok((
         AgentSettings {
@@ -118,6 +121,7 @@ pub fn parse(
             reconnect_min,
             reconnect_max,
             connect_timeout,
+            proxies,
         },
         warnings,
     ))

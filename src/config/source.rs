@@ -20,7 +20,6 @@ const PLANNED_KEYS: &[&str] = &[
     "send_proxy",
     "upstreams",
     "gateways",
-    "proxies",
 ];
 
 pub struct Source<'a> {

@@ -693,7 +693,7 @@ fn reconnect_bounds() {
 fn agent_unknown_key_and_bad_duration() {
     let e = ag_err(&format!("{MINIMAL_AGENT}locale = \"x\"\n"));
     assert_eq!((e.line(), e.key()), (Some(8), Some("services.web.locale")));
-    let e = ag_err(&format!("proxies = []\n{MINIMAL_AGENT}"));
+    let e = ag_err(&format!("gateways = []\n{MINIMAL_AGENT}"));
     assert!(
         e.to_string().contains("not supported by this version yet"),
         "{e}"
@@ -727,4 +727,76 @@ fn detects_kind() {
     assert_eq!((any.kind(), any.service_count()), (ConfigKind::Gateway, 1));
     let e = load_any_str(Path::new("g.toml"), "x = [", &fake_env).unwrap_err();
     assert!(e.to_string().starts_with("g.toml:1: invalid TOML"), "{e}");
+}
+
+// ---- agent: proxies ----
+
+#[test]
+fn proxies_follow_the_seeds_login_rule() {
+    use dialback_core::connect_chain::HopAuth;
+    let text = format!(
+        "proxies = [\n  'http://mydomain\\myuser1:mypass@proxy1.corp:8080',\n  \"http://myuser2:mypass@proxy2.corp:3128\",\n  'http://\\solo:pw@proxy3:1',\n  \"http://proxy4:3128\",\n]\n{MINIMAL_AGENT}"
+    );
+    let (s, _) = ag(&text).unwrap();
+    assert_eq!(s.proxies.len(), 4);
+    assert_eq!(s.proxies[0].addr(), "proxy1.corp:8080");
+    match &s.proxies[0].auth {
+        HopAuth::Ntlm(c) => assert_eq!(
+            (c.domain.as_str(), c.user.as_str(), c.password.as_str()),
+            ("mydomain", "myuser1", "mypass")
+        ),
+        other => panic!("hop 1 should be NTLM: {other:?}"),
+    }
+    assert!(
+        matches!(&s.proxies[1].auth, HopAuth::Basic { user, password } if user == "myuser2" && password == "mypass")
+    );
+    assert!(
+        matches!(&s.proxies[2].auth, HopAuth::Ntlm(c) if c.domain.is_empty() && c.user == "solo")
+    );
+    assert!(matches!(&s.proxies[3].auth, HopAuth::None));
+}
+
+#[test]
+fn proxy_tables_take_passwords_from_env_and_explicit_auth() {
+    use dialback_core::connect_chain::HopAuth;
+    let text = format!(
+        "proxies = [{{ url = \"http://p:3128\", user = \"bob\", password_env = \"GW_PASSWORD\", auth = \"ntlm\" }}, {{ url = \"http://q:8080\", user = \"x\\\\y\", password = \"z\", auth = \"basic\" }}]\n{MINIMAL_AGENT}"
+    );
+    let (s, _) = ag(&text).unwrap();
+    assert!(
+        matches!(&s.proxies[0].auth, HopAuth::Ntlm(c) if c.user == "bob" && c.domain.is_empty() && c.password == "password-from-env")
+    );
+    assert!(matches!(&s.proxies[1].auth, HopAuth::Basic { user, .. } if user == "x\\y"));
+}
+
+#[test]
+fn bad_proxies_name_the_hop() {
+    let e = ag_err(&format!(
+        "proxies = [\"http://ok:1\", \"https://p:3128\"]\n{MINIMAL_AGENT}"
+    ));
+    assert_eq!((e.line(), e.key()), (Some(1), Some("proxies[2]")));
+    assert!(e.to_string().contains("not supported"), "{e}");
+    let e = ag_err(&format!("proxies = [\"http://p\"]\n{MINIMAL_AGENT}"));
+    assert!(e.to_string().contains("needs a port"), "{e}");
+    let e = ag_err(&format!("proxies = [{{ url = \"http://p:1\", auth = \"kerberos\", user = \"u\" }}]\n{MINIMAL_AGENT}"));
+    assert!(e.to_string().contains("\"kerberos\""), "{e}");
+    let e = ag_err(&format!(
+        "proxies = [{{ url = \"http://p:1\", auth = \"basic\" }}]\n{MINIMAL_AGENT}"
+    ));
+    assert!(e.to_string().contains("needs a login"), "{e}");
+    let e = ag_err(&format!(
+        "proxies = [{{ url = \"http://p:1\", usr = \"u\" }}]\n{MINIMAL_AGENT}"
+    ));
+    assert!(e.to_string().contains("usr"), "{e}");
+    let e = ag_err(&format!("proxies = [42]\n{MINIMAL_AGENT}"));
+    assert!(e.to_string().contains("URL string or a table"), "{e}");
+    let e = ag_err(&format!(
+        "proxies = [{{ url = \"http://a:b@p:1\", password = \"c\" }}]\n{MINIMAL_AGENT}"
+    ));
+    assert!(e.to_string().contains("one place"), "{e}");
+    // The password never shows up in an error.
+    let e = ag_err(&format!(
+        "proxies = [\"http://u:topsecret@p\"]\n{MINIMAL_AGENT}"
+    ));
+    assert!(!e.to_string().contains("topsecret"), "{e}");
 }

@@ -2,6 +2,8 @@
 //! logs, and provides echo services and clients. Every wait is bounded.
 #![allow(dead_code)]
 
+pub mod squid;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -334,4 +336,19 @@ pub fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
     }
     v.truncate(n);
     v
+}
+
+/// Sends `data` and reads exactly as many bytes back, without half-closing first: for paths
+/// (like squid's CONNECT tunnels) that end the whole tunnel on the first FIN.
+pub fn echo_exact(addr: SocketAddr, data: Vec<u8>, timeout: Duration) -> Vec<u8> {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(timeout)).unwrap();
+    let n = data.len();
+    let mut w = s.try_clone().unwrap();
+    let writer = thread::spawn(move || w.write_all(&data).unwrap());
+    let mut out = vec![0u8; n];
+    let mut r = s;
+    r.read_exact(&mut out).expect("read echo");
+    writer.join().unwrap();
+    out
 }
