@@ -217,3 +217,27 @@ fn unreachable_first_hop_is_named() {
     });
     assert!(line.contains(&closed.to_string()), "{line}");
 }
+
+#[test]
+fn silent_proxy_times_out_naming_the_hop() {
+    // A "proxy" that accepts connections and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let _keep = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in silent.incoming().take(4).flatten() {
+            held.push(s);
+        }
+        std::thread::sleep(Duration::from_secs(30));
+    });
+    let dir = Dir::new();
+    let gw = gateway(&dir);
+    let agent = agent_via(&dir, &gw, echo_server(), &[format!("\"http://{addr}\"")]);
+    let line = agent.wait_for("hop 1 timeout", STARTUP, |l| {
+        message_contains(l, "registration failed") && l.contains("hop 1")
+    });
+    assert!(
+        line.contains(&addr.to_string()) && line.contains("no answer within"),
+        "{line}"
+    );
+}
