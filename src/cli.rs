@@ -9,7 +9,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     name = "dialback",
     version,
     about = "Back-connect reverse proxy: publish private services through a public gateway",
-    propagate_version = true
+    propagate_version = true,
+    after_long_help = "Config files are described in README.md; `dialback check -c FILE` lists \
+every problem in one. Shell completions: `dialback completions bash|zsh|fish|elvish|powershell`. \
+The man page: `dialback manpage | man -l -`."
 )]
 pub struct Cli {
     /// Log line format (logs go to stderr; the level comes from RUST_LOG, default info)
@@ -46,10 +49,44 @@ pub enum Command {
     /// `fingerprint = "sha256:..."` in agent.toml. Without cert/key in the config, the
     /// self-signed identity is generated in state_dir on first use and reused afterwards.
     Fingerprint(ConfigArg),
-    /// Check a gateway or agent config file and print its warnings
+    /// Check a gateway or agent config file: list every problem and warning
+    ///
+    /// Checks the whole file without starting anything and lists every problem it finds, not
+    /// just the first: one line per problem, `FILE:LINE: KEY: message`, sorted by line, then
+    /// one line per warning, `warning: FILE:LINE: KEY: message`, then a summary line:
+    /// `FILE: ok (gateway, 2 services)` or `FILE: 3 problems (agent config)`.
+    ///
+    /// A file with a top-level `gateway` key (or other keys only agents have) is checked as an
+    /// agent config, anything else as a gateway config. Password files and environment
+    /// variables are read, so run it where the service will run. The report goes to stdout
+    /// and the exit status is 0 when there is no problem; otherwise it goes to stderr and the
+    /// exit status is 1.
     Check(ConfigArg),
     /// Run a gateway, an agent and a sample web service in one process on loopback
     Demo(DemoArgs),
+    /// Print a shell completion script for bash, zsh, fish, elvish or powershell
+    ///
+    /// Writes the script to stdout, e.g.:
+    ///
+    ///   dialback completions bash > /etc/bash_completion.d/dialback
+    ///
+    ///   dialback completions zsh > /usr/local/share/zsh/site-functions/_dialback
+    ///
+    ///   dialback completions fish > ~/.config/fish/completions/dialback.fish
+    Completions(CompletionsArgs),
+    /// Print the man page (roff) for dialback and all its commands
+    ///
+    /// Writes one roff document to stdout: the page for `dialback`, then one page per command.
+    /// Read it with `dialback manpage | man -l -`, or install it with
+    /// `dialback manpage > /usr/local/share/man/man1/dialback.1`.
+    Manpage,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to generate the script for
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 #[derive(Debug, Args)]
@@ -194,6 +231,41 @@ mod tests {
             (17000, 18080, true)
         );
         assert!(parse(&["demo", "--public-port", "70000"]).is_err());
+    }
+
+    #[test]
+    fn completions_take_a_shell_and_manpage_nothing() {
+        let cli = parse(&["completions", "zsh"]).unwrap();
+        assert!(
+            matches!(cli.command, Command::Completions(ref a) if a.shell == clap_complete::Shell::Zsh)
+        );
+        assert_eq!(
+            parse(&["completions"]).unwrap_err().kind(),
+            ErrorKind::MissingRequiredArgument
+        );
+        assert_eq!(
+            parse(&["completions", "tcsh"]).unwrap_err().kind(),
+            ErrorKind::InvalidValue
+        );
+        assert!(matches!(
+            parse(&["manpage"]).unwrap().command,
+            Command::Manpage
+        ));
+        assert!(parse(&["manpage", "-c", "x.toml"]).is_err());
+    }
+
+    #[test]
+    fn help_documents_check_format_completions_and_manpage() {
+        let mut cmd = Cli::command();
+        let check = cmd
+            .find_subcommand_mut("check")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(check.contains("FILE:LINE: KEY: message"), "{check}");
+        let top = cmd.render_long_help().to_string();
+        assert!(top.contains("dialback completions"), "{top}");
+        assert!(top.contains("dialback manpage"), "{top}");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! "0.0.0.0": ...`. Nothing here prints; warnings are returned for the caller to log.
 
 mod agent;
+mod check;
 mod common;
 mod duration;
 mod gateway;
@@ -16,6 +17,7 @@ use std::path::Path;
 
 use dialback_tokio::settings::{AgentSettings, GatewaySettings, IdentitySource};
 
+pub use check::check_file;
 use source::Source;
 
 /// What a config file configures.
@@ -82,6 +84,7 @@ pub enum AnyConfig {
 }
 
 impl AnyConfig {
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn kind(&self) -> ConfigKind {
         match self {
             AnyConfig::Gateway(_) => ConfigKind::Gateway,
@@ -113,37 +116,64 @@ fn process_env(name: &str) -> Option<OsString> {
 /// Loads a gateway config. Returns the settings and warnings worth showing the operator.
 pub fn load_gateway(path: &Path) -> Result<(GatewaySettings, Vec<String>), ConfigError> {
     let text = read(path)?;
-    gateway::parse(&Source::new(path, &text), &process_env)
+    let src = Source::new(path, &text);
+    gateway::parse(&src, &process_env)
 }
 
 /// Loads an agent config. Returns the settings and warnings worth showing the operator.
 pub fn load_agent(path: &Path) -> Result<(AgentSettings, Vec<String>), ConfigError> {
     let text = read(path)?;
-    agent::parse(&Source::new(path, &text), &process_env)
+    let src = Source::new(path, &text);
+    agent::parse(&src, &process_env)
 }
 
 /// Only where a gateway's TLS identity comes from; services are checked for shape but their
 /// passwords are not read, so this works where the secrets are not available.
 pub fn load_gateway_identity(path: &Path) -> Result<IdentitySource, ConfigError> {
     let text = read(path)?;
-    gateway::parse_identity(&Source::new(path, &text))
+    let src = Source::new(path, &text);
+    gateway::parse_identity(&src)
 }
 
-/// A file with a top-level `gateway` key is an agent config; anything else (including text that
-/// is not valid TOML, so that its errors are reported) is treated as a gateway config.
+/// Keys only an agent config has.
+const AGENT_ONLY_KEYS: &[&str] = &[
+    "gateway",
+    "fingerprint",
+    "ca_file",
+    "ca",
+    "insecure",
+    "server_name",
+    "reconnect_min",
+    "reconnect_max",
+    "connect_timeout",
+    "proxies",
+];
+
+/// A file with a top-level `gateway` key, another key only agents have, or a service with
+/// `local` and no `tcp_listen`, is an agent config; anything else (including text that is not
+/// valid TOML, so that its errors are reported) is treated as a gateway config.
 pub fn detect_kind(text: &str) -> ConfigKind {
-    match text.parse::<toml::Table>() {
-        Ok(table) if table.contains_key("gateway") => ConfigKind::Agent,
-        _ => ConfigKind::Gateway,
+    let Ok(table) = text.parse::<toml::Table>() else {
+        return ConfigKind::Gateway;
+    };
+    let agent_key = AGENT_ONLY_KEYS.iter().any(|k| table.contains_key(*k));
+    let agent_service = table
+        .get("services")
+        .and_then(toml::Value::as_table)
+        .is_some_and(|services| {
+            services
+                .values()
+                .filter_map(toml::Value::as_table)
+                .any(|s| s.contains_key("local") && !s.contains_key("tcp_listen"))
+        });
+    if agent_key || agent_service {
+        ConfigKind::Agent
+    } else {
+        ConfigKind::Gateway
     }
 }
 
-/// Loads a config of whichever kind the file is.
-pub fn load_any(path: &Path) -> Result<(AnyConfig, Vec<String>), ConfigError> {
-    let text = read(path)?;
-    load_any_str(path, &text, &process_env)
-}
-
+/// Loads a config of whichever kind the file is (what `check` finally relies on).
 fn load_any_str(
     path: &Path,
     text: &str,

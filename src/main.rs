@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::Parser as _;
+use clap::{CommandFactory as _, Parser as _};
 use tracing_subscriber::filter::{EnvFilter, LevelFilter};
 
 use cli::{Cli, Command, LogFormat, Runtime};
@@ -17,7 +17,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match execute(cli.command) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
             // `{:#}` prints the whole cause chain on one line: "outer: inner: root".
             eprintln!("error: {err:#}");
@@ -41,30 +41,33 @@ fn init_logging(format: LogFormat) {
     };
 }
 
-fn execute(command: Command) -> anyhow::Result<()> {
+fn execute(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Gateway(args) => {
             let (settings, warnings) = config::load_gateway(&args.config.path)?;
             log_warnings(&warnings);
             match args.runtime {
-                Runtime::Tokio => run::gateway(settings),
+                Runtime::Tokio => run::gateway(settings)?,
             }
         }
         Command::Agent(args) => {
             let (settings, warnings) = config::load_agent(&args.config.path)?;
             log_warnings(&warnings);
             match args.runtime {
-                Runtime::Tokio => run::agent(settings),
+                Runtime::Tokio => run::agent(settings)?,
             }
         }
-        Command::Fingerprint(args) => fingerprint(&args.path),
-        Command::Check(args) => check(&args.path),
+        Command::Fingerprint(args) => fingerprint(&args.path)?,
+        Command::Check(args) => return Ok(check(&args.path)),
         Command::Demo(args) => run::demo(run::DemoOptions {
             gateway_port: args.gateway_port,
             public_port: args.public_port,
             check: args.check,
-        }),
+        })?,
+        Command::Completions(args) => completions(args.shell)?,
+        Command::Manpage => manpage()?,
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn log_warnings(warnings: &[String]) {
@@ -96,17 +99,60 @@ fn fingerprint(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn check(path: &Path) -> anyhow::Result<()> {
-    let (config, warnings) = config::load_any(path)?;
-    let services = config.service_count();
-    println!(
-        "{}: ok ({}, {services} service{})",
-        path.display(),
-        config.kind(),
-        if services == 1 { "" } else { "s" }
-    );
-    for warning in warnings {
-        println!("warning: {warning}");
+/// Prints every problem of the file; see the `check` help for the format.
+fn check(path: &Path) -> ExitCode {
+    let report = config::check_file(path);
+    let text = report.render();
+    if report.is_ok() {
+        print!("{text}");
+        ExitCode::SUCCESS
+    } else {
+        eprint!("{text}");
+        ExitCode::FAILURE
     }
-    Ok(())
+}
+
+fn completions(shell: clap_complete::Shell) -> anyhow::Result<()> {
+    let mut cmd = Cli::command();
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut cmd, "dialback", &mut out);
+    write_stdout(&out)
+}
+
+/// The page of `dialback`, then one page per command (`dialback-check(1)`, ...), in one roff
+/// document that `man -l -` shows as consecutive pages.
+fn manpage() -> anyhow::Result<()> {
+    let out = render_manpage().context("cannot render the man page")?;
+    write_stdout(&out)
+}
+
+fn render_manpage() -> std::io::Result<Vec<u8>> {
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    cmd.build();
+    let source = format!("dialback {}", env!("CARGO_PKG_VERSION"));
+    let page = |cmd: &clap::Command| {
+        clap_mangen::Man::new(cmd.clone())
+            .source(source.clone())
+            .manual("dialback manual")
+    };
+    let mut out = Vec::new();
+    page(&cmd).render(&mut out)?;
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        // After build(), a subcommand's display name is `dialback-NAME` and its bin name
+        // `dialback NAME`, which is what its page is titled and its synopsis shows.
+        page(sub).render(&mut out)?;
+    }
+    Ok(out)
+}
+
+/// Writes all of `bytes`; a closed pipe (`| head`) is not an error.
+fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(e).context("cannot write to stdout")
+        }
+        _ => Ok(()),
+    }
 }

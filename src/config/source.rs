@@ -1,5 +1,6 @@
 //! The text of one config file, and turning byte spans into `file:line: key:` errors.
 
+use std::cell::RefCell;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -12,7 +13,6 @@ use super::ConfigError;
 /// Keys from the design that this version does not implement yet; an unknown-field error on
 /// one of them says so instead of looking like a typo.
 const PLANNED_KEYS: &[&str] = &[
-    "admin_listen",
     "http",
     "allow_from",
     "http_prefix",
@@ -28,6 +28,28 @@ pub struct Source<'a> {
     /// Directory that relative paths in the file are resolved against.
     pub dir: PathBuf,
     pub text: &'a str,
+    /// Set for `dialback check`: see [`Source::lenient`].
+    lenient: Option<Lenient<'a>>,
+}
+
+/// Edits the parsed document before it is deserialized (used by `dialback check` to set aside
+/// parts it has already reported).
+pub type Edit<'a> = Box<dyn Fn(&mut DeTable<'_>) + 'a>;
+
+/// What a lenient `deserialize` set aside.
+struct Lenient<'a> {
+    edit: Option<Edit<'a>>,
+    problems: RefCell<Vec<ConfigError>>,
+    /// Key paths of values that were dropped because their value had the wrong shape: the key
+    /// is a real one, so "missing" complaints about it are consequences, not problems.
+    dropped: RefCell<Vec<String>>,
+}
+
+/// A shape error located in the document: the error, and the key path to drop to get past it.
+struct Located {
+    error: ConfigError,
+    path: Option<Vec<String>>,
+    unknown_field: bool,
 }
 
 impl<'a> Source<'a> {
@@ -37,7 +59,55 @@ impl<'a> Source<'a> {
             file: path.display().to_string(),
             dir,
             text,
+            lenient: None,
         }
+    }
+
+    /// A source whose `deserialize` does not stop at the first unknown key or mistyped value:
+    /// it records the error, drops the key and tries again, so the value checks that follow
+    /// still run on everything else. The recorded errors are in [`Source::take_problems`].
+    /// Syntax errors still fail.
+    pub fn lenient(path: &Path, text: &'a str) -> Self {
+        Source {
+            lenient: Some(Lenient {
+                edit: None,
+                problems: RefCell::new(Vec::new()),
+                dropped: RefCell::new(Vec::new()),
+            }),
+            ..Source::new(path, text)
+        }
+    }
+
+    /// Applies `edit` to the parsed document before every lenient `deserialize`.
+    pub fn with_edit(mut self, edit: Edit<'a>) -> Self {
+        if let Some(lenient) = &mut self.lenient {
+            lenient.edit = Some(edit);
+        }
+        self
+    }
+
+    /// The shape errors a lenient `deserialize` recorded (and got past).
+    pub fn take_problems(&self) -> Vec<ConfigError> {
+        self.lenient
+            .as_ref()
+            .map(|l| l.problems.take())
+            .unwrap_or_default()
+    }
+
+    /// Key paths (`services.web.password`) that a lenient `deserialize` dropped because of the
+    /// shape of their value. Unknown keys are not listed.
+    pub fn dropped_keys(&self) -> Vec<String> {
+        self.lenient
+            .as_ref()
+            .map(|l| l.dropped.borrow().clone())
+            .unwrap_or_default()
+    }
+
+    /// Whether `key` (a dotted key path) was dropped for the shape of its value.
+    pub fn dropped(&self, key: &str) -> bool {
+        self.lenient
+            .as_ref()
+            .is_some_and(|l| l.dropped.borrow().iter().any(|k| k == key))
     }
 
     /// 1-based line of a byte offset.
@@ -102,7 +172,7 @@ impl<'a> Source<'a> {
 
     /// Parses the TOML text into `T`, mapping syntax and shape errors to located messages.
     pub fn deserialize<T: DeserializeOwned>(&self) -> Result<T, ConfigError> {
-        let doc = DeTable::parse(self.text).map_err(|e| {
+        let mut doc = DeTable::parse(self.text).map_err(|e| {
             let span = e.span();
             ConfigError {
                 file: self.file.clone(),
@@ -111,38 +181,86 @@ impl<'a> Source<'a> {
                 message: format!("invalid TOML: {}", e.message().trim_end()),
             }
         })?;
-        let root_span = doc.span();
-        let keys = doc.get_ref().clone();
-        T::deserialize(toml::de::Deserializer::from(doc)).map_err(|e| {
-            let span = e.span().filter(|s| *s != root_span);
-            let key = span
-                .as_ref()
-                .and_then(|s| find_key(&keys, s.start, &mut Vec::new()));
-            // serde speaks of maps and sequences; TOML users know tables and arrays.
-            let mut message = e
-                .message()
-                .trim_end()
-                .replace("expected a map", "expected a table")
-                .replace("invalid type: map", "invalid type: table")
-                .replace("invalid type: sequence", "invalid type: array");
-            if let Some(path) = &key {
-                if path.last().is_some_and(|k| k.starts_with("password")) {
-                    // Shape errors quote the value; a mistyped password must not end up in logs.
-                    message = "must be a string".to_owned();
-                }
-                if message.starts_with("unknown field") {
-                    if let Some(last) = path.last().filter(|k| PLANNED_KEYS.contains(&k.as_str())) {
-                        message = format!("`{last}` is not supported by this version yet");
-                    }
+        let Some(lenient) = &self.lenient else {
+            return T::deserialize(toml::de::Deserializer::from(doc.clone()))
+                .map_err(|e| self.locate(e, &doc).error);
+        };
+        if let Some(edit) = &lenient.edit {
+            edit(doc.get_mut());
+        }
+        // Each round drops one key, so this ends; the bound is only a safety net.
+        for _ in 0..10_000 {
+            let e = match T::deserialize(toml::de::Deserializer::from(doc.clone())) {
+                Ok(value) => return Ok(value),
+                Err(e) => e,
+            };
+            let located = self.locate(e, &doc);
+            let Some(path) = located.path.filter(|p| remove_path(doc.get_mut(), p)) else {
+                return Err(located.error);
+            };
+            if !located.unknown_field {
+                let key = key_path(path.iter().map(String::as_str));
+                lenient.dropped.borrow_mut().push(key);
+            }
+            lenient.problems.borrow_mut().push(located.error);
+        }
+        Err(self.error("too many problems to go on"))
+    }
+
+    /// Turns a serde error into a located `ConfigError`, with the key path it is about.
+    fn locate(&self, e: toml::de::Error, doc: &Spanned<DeTable<'_>>) -> Located {
+        let span = e.span().filter(|s| *s != doc.span());
+        let key = span
+            .as_ref()
+            .and_then(|s| find_key(doc.get_ref(), s.start, &mut Vec::new()));
+        let unknown_field = e.message().starts_with("unknown field");
+        // serde speaks of maps and sequences; TOML users know tables and arrays.
+        let mut message = e
+            .message()
+            .trim_end()
+            .replace("expected a map", "expected a table")
+            .replace("invalid type: map", "invalid type: table")
+            .replace("invalid type: sequence", "invalid type: array");
+        if let Some(path) = &key {
+            if path.last().is_some_and(|k| k.starts_with("password")) {
+                // Shape errors quote the value; a mistyped password must not end up in logs.
+                message = "must be a string".to_owned();
+            }
+            if message.starts_with("unknown field") {
+                if let Some(last) = path.last().filter(|k| PLANNED_KEYS.contains(&k.as_str())) {
+                    message = format!("`{last}` is not supported by this version yet");
                 }
             }
-            ConfigError {
+        }
+        Located {
+            error: ConfigError {
                 file: self.file.clone(),
                 line: span.map(|s| self.line_of(s.start)),
-                key: key.map(|k| key_path(k.iter().map(String::as_str))),
+                key: key.as_ref().map(|k| key_path(k.iter().map(String::as_str))),
                 message,
-            }
-        })
+            },
+            path: key,
+            unknown_field,
+        }
+    }
+}
+
+/// Removes the entry at `path` (keys from the root; an array on the way is removed whole).
+/// Returns whether something was removed.
+fn remove_path(table: &mut DeTable<'_>, path: &[String]) -> bool {
+    let Some((first, rest)) = path.split_first() else {
+        return false;
+    };
+    if rest.is_empty() {
+        return table.remove(first.as_str()).is_some();
+    }
+    let Some(value) = table.get_mut(first.as_str()) else {
+        return false;
+    };
+    match value.get_mut() {
+        DeValue::Table(inner) => remove_path(inner, rest),
+        DeValue::Array(_) => table.remove(first.as_str()).is_some(),
+        _ => false,
     }
 }
 
