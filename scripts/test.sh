@@ -10,6 +10,8 @@ need_apt=()
 command -v htpasswd >/dev/null 2>&1 || need_apt+=(apache2-utils)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3 python3-pip)
+# Headless Chromium renders the gateway's status page.
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq
@@ -21,9 +23,14 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     exit 1
   fi
 fi
-if ! python3 -c 'import spnego' >/dev/null 2>&1; then
-  python3 -m pip install --quiet pyspnego || python3 -m pip install --quiet --break-system-packages pyspnego
-fi
+# pyspnego: an independent NTLM implementation; prometheus_client: the reference parser of
+# the metrics exposition format.
+for module in spnego:pyspnego prometheus_client:prometheus_client; do
+  if ! python3 -c "import ${module%%:*}" >/dev/null 2>&1; then
+    python3 -m pip install --quiet "${module##*:}" ||
+      python3 -m pip install --quiet --break-system-packages "${module##*:}"
+  fi
+done
 
 if ! command -v cargo-nextest >/dev/null 2>&1; then
   cargo install --locked cargo-nextest

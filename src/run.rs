@@ -92,6 +92,7 @@ async fn demo_async(opts: DemoOptions) -> anyhow::Result<()> {
             data_tls: false,
             max_pending: DEFAULT_MAX_PENDING,
         }],
+        admin_listen: Some(SocketAddr::from((loopback, 0))),
     };
     let gw = BoundGateway::bind(gw_settings).await.context("cannot start the demo gateway (is another program using the port? try --gateway-port/--public-port)")?;
     let gw_addr = gw.listen_addr()?;
@@ -99,6 +100,7 @@ async fn demo_async(opts: DemoOptions) -> anyhow::Result<()> {
         .service_addr("demo")
         .context("demo service has no public address")?;
     let fingerprint = gw.fingerprint();
+    let status_page = gw.admin_addr().map(|a| format!("http://{a}/"));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut gw_stop = stop_rx.clone();
     let gw_task = tokio::spawn(gw.run(async move {
@@ -118,6 +120,7 @@ async fn demo_async(opts: DemoOptions) -> anyhow::Result<()> {
         reconnect_max: Duration::from_secs(5),
         connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         proxies: Vec::new(),
+        admin_listen: None,
     };
     let mut agent_stop = stop_rx.clone();
     let agent_task = tokio::spawn(agent::run(agent_settings, async move {
@@ -135,6 +138,9 @@ async fn demo_async(opts: DemoOptions) -> anyhow::Result<()> {
         page.map(|_| ())
     } else {
         println!("dialback demo is up: open {url}");
+        if let Some(status) = &status_page {
+            println!("the gateway's status page is at {status} (metrics: {status}metrics)");
+        }
         println!("(the page is served by a private web service, reached through the agent's tunnel; Ctrl-C stops)");
         shutdown_signal().await;
         Ok(())

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
+use crate::metrics::AgentMetrics;
 use crate::settings::{AgentService, AgentSettings, GatewayTrust};
 use crate::stream::MaybeTls;
 use crate::tls;
@@ -27,9 +28,34 @@ pub enum AgentSetupError {
     Tls(#[from] tls::TlsError),
     #[error("gateway address {0:?} must look like host:port")]
     BadGateway(String),
+    #[error("cannot listen on {addr} (admin_listen): {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Why one attempt to hold a control session ended.
+impl SessionEnd {
+    /// Metrics label for why a registration attempt failed.
+    fn reason(&self, via_proxy: bool) -> &'static str {
+        match self {
+            SessionEnd::Connect(_) if via_proxy => "proxy",
+            SessionEnd::Connect(_) => "connect",
+            SessionEnd::Tls { .. } => "tls",
+            SessionEnd::ConnectTimeout(_) => "timeout",
+            SessionEnd::Protocol(dialback_core::agent::AgentError::Refused { code, .. }) => {
+                code.name()
+            }
+            SessionEnd::Protocol(dialback_core::agent::AgentError::GatewayProofInvalid) => {
+                "gateway_proof_invalid"
+            }
+            SessionEnd::Protocol(_) => "protocol",
+            SessionEnd::Io(_) => "io",
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 enum SessionEnd {
     #[error("{0}")]
@@ -51,11 +77,22 @@ struct Ctx {
     connect_timeout: Duration,
     timing: Timing,
     proxies: Vec<dialback_core::connect_chain::ProxyHop>,
+    metrics: Arc<AgentMetrics>,
 }
 
 /// Runs every configured service until `shutdown` completes.
 pub async fn run(
     settings: AgentSettings,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentSetupError> {
+    let names: Vec<String> = settings.services.iter().map(|s| s.name.clone()).collect();
+    run_with_metrics(settings, Arc::new(AgentMetrics::new(&names)), shutdown).await
+}
+
+/// [`run`] with counters the caller can serve (the agent's optional `/metrics`).
+pub async fn run_with_metrics(
+    settings: AgentSettings,
+    metrics: Arc<AgentMetrics>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentSetupError> {
     let host = split_host(&settings.gateway)
@@ -91,6 +128,7 @@ pub async fn run(
             ..Timing::default()
         },
         proxies: settings.proxies.clone(),
+        metrics: metrics.clone(),
     });
     if !settings.proxies.is_empty() {
         info!(
@@ -101,6 +139,14 @@ pub async fn run(
         );
     }
     let mut tasks = JoinSet::new();
+    if let Some(addr) = settings.admin_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| AgentSetupError::Bind { addr, source })?;
+        info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin endpoint listening");
+        let routes: Arc<dyn crate::admin::AdminRoutes> = metrics.clone();
+        tasks.spawn(crate::admin::serve(l, routes));
+    }
     for svc in settings.services.clone() {
         let ctx = ctx.clone();
         let (min, max) = (settings.reconnect_min, settings.reconnect_max);
@@ -160,6 +206,14 @@ async fn service_loop(
         }
         let wait = backoff(attempt, min, max);
         attempt = attempt.saturating_add(1);
+        if let Some(m) = ctx.metrics.service(&svc.name) {
+            if registered {
+                m.unregistered();
+                m.registration_failed("lost");
+            } else {
+                m.registration_failed(end.reason(!ctx.proxies.is_empty()));
+            }
+        }
         match &end {
             SessionEnd::Protocol(dialback_core::agent::AgentError::Refused {
                 code: ErrorCode::AuthFailed,
@@ -251,6 +305,9 @@ async fn session(
                     data_tls,
                 } => {
                     *registered = true;
+                    if let Some(m) = ctx.metrics.service(&svc.name) {
+                        m.registered();
+                    }
                     info!(service = %svc.name, gateway = %ctx.gateway, session = session_id, ?heartbeat, ?dead_after, data_tls, "registered with gateway");
                 }
                 AgentEvent::Connect(req) => {
@@ -291,6 +348,13 @@ async fn data_task(
     failed: mpsc::UnboundedSender<(u64, ErrorCode, String)>,
 ) {
     let id = req.request_id;
+    let metrics = ctx.metrics.clone();
+    let svc = metrics.service(&service);
+    let fail = |reason: &'static str| {
+        if let Some(m) = svc {
+            m.data_failed(reason);
+        }
+    };
     let client = req
         .client
         .map(|a| a.to_string())
@@ -298,6 +362,7 @@ async fn data_task(
     let mut gw = match dial(&ctx, req.data_tls).await {
         Ok(s) => s,
         Err(e) => {
+            fail("connect");
             warn!(%service, %client, "cannot open data connection: {e}");
             let _ = failed.send((id, ErrorCode::Internal, e.to_string()));
             return;
@@ -323,10 +388,12 @@ async fn data_task(
     let early = match tokio::time::timeout(ctx.connect_timeout, answer).await {
         Ok(Ok(early)) => early,
         Ok(Err(e)) => {
+            fail("refused");
             warn!(%service, %client, "data connection refused: {e}");
             return;
         }
         Err(_) => {
+            fail("timeout");
             warn!(%service, %client, "no answer to data hello within {:?}", ctx.connect_timeout);
             return;
         }
@@ -335,17 +402,23 @@ async fn data_task(
         match tokio::time::timeout(ctx.connect_timeout, TcpStream::connect(&local)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
+                fail("local_unreachable");
                 warn!(%service, %client, %local, "cannot reach local service: {e}");
                 return;
             }
             Err(_) => {
+                fail("local_unreachable");
                 warn!(%service, %client, %local, "timed out connecting to local service");
                 return;
             }
         };
     let _ = local_conn.set_nodelay(true);
     debug!(%service, %client, "relaying");
-    match crate::relay::relay(&mut local_conn, gw, &early).await {
+    let Some(svc) = svc else { return };
+    let conn = svc.data_connection_opened();
+    // Local service -> gateway is the "down" direction, towards the public client.
+    let (down, up) = (|n| conn.add_down(n), |n| conn.add_up(n));
+    match crate::relay::relay(&mut local_conn, gw, &early, &down, &up).await {
         Ok((up, down)) => debug!(%service, %client, up, down, "data connection done"),
         Err(e) => debug!(%service, %client, "data connection ended: {e}"),
     }

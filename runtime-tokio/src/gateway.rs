@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use dialback_core::crypto::PasswordKey;
 use dialback_core::data::{encode_accept, encode_error, Classified, Intake};
 use dialback_core::gateway::{
-    ClientId, ConnId, Gateway, GatewayConfig, GatewayEvent, GatewayOutput, ServiceConfig,
+    ClientId, ClientReject, ConnId, Gateway, GatewayConfig, GatewayEvent, GatewayOutput,
+    ServiceConfig,
 };
 use dialback_core::ErrorCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -20,6 +21,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
+use crate::metrics::{unix_now_ms, GatewayMetrics};
 use crate::settings::GatewaySettings;
 use crate::stream::MaybeTls;
 use crate::tls;
@@ -55,10 +57,19 @@ struct DataConn {
     early: Vec<u8>,
 }
 
+/// A public client waiting for its data connection.
+struct Waiting {
+    tx: oneshot::Sender<DataConn>,
+    service: String,
+    since: Instant,
+}
+
 struct Inner {
     core: Gateway,
     conns: HashMap<ConnId, mpsc::UnboundedSender<CtrlCmd>>,
-    clients: HashMap<ClientId, oneshot::Sender<DataConn>>,
+    clients: HashMap<ClientId, Waiting>,
+    /// Registered control connections and their service, for liveness metrics.
+    registered: HashMap<ConnId, String>,
 }
 
 struct Shared {
@@ -69,6 +80,7 @@ struct Shared {
     acceptor: tokio_rustls::TlsAcceptor,
     handshake_timeout: Duration,
     token_ttl: Duration,
+    metrics: Arc<GatewayMetrics>,
 }
 
 impl Shared {
@@ -101,44 +113,62 @@ impl Shared {
                     reason,
                 } => {
                     // Dropping the sender wakes the client task, which closes the client.
-                    if inner.clients.remove(&client).is_some() {
-                        info!(client = client.0, code = %code, "closing client: {reason}");
+                    if let Some(w) = inner.clients.remove(&client) {
+                        if let Some(m) = self.metrics.service(&w.service) {
+                            m.client_failed(code.name());
+                        }
+                        info!(client = client.0, service = %w.service, code = %code, "closing client: {reason}");
                     }
                 }
-                GatewayOutput::Event(e) => log_event(e),
+                GatewayOutput::Event(e) => self.record_event(inner, e),
             }
         }
         self.timer.notify_one();
     }
 }
 
-fn log_event(e: GatewayEvent) {
-    match e {
-        GatewayEvent::Registered {
-            conn,
-            peer,
-            service,
-            session_id,
-            software,
-        } => {
-            info!(conn = conn.0, %peer, %service, session = session_id, agent = %software, "agent registered");
-        }
-        GatewayEvent::Rejected {
-            conn,
-            peer,
-            service,
-            code,
-            reason,
-        } => {
-            warn!(conn = conn.0, %peer, service = service.as_deref().unwrap_or("-"), code = %code, "control connection refused: {reason}");
-        }
-        GatewayEvent::SessionEnded {
-            conn,
-            service,
-            session_id,
-            reason,
-        } => {
-            warn!(conn = conn.0, %service, session = session_id, "agent session ended: {reason}");
+impl Shared {
+    /// Logs a core event once, with its reason, and counts it.
+    fn record_event(&self, inner: &mut Inner, e: GatewayEvent) {
+        match e {
+            GatewayEvent::Registered {
+                conn,
+                peer,
+                service,
+                session_id,
+                software,
+            } => {
+                if let Some(m) = self.metrics.service(&service) {
+                    m.agent_registered(peer, session_id, &software, unix_now_ms());
+                }
+                inner.registered.insert(conn, service.clone());
+                info!(conn = conn.0, %peer, %service, session = session_id, agent = %software, "agent registered");
+            }
+            GatewayEvent::Rejected {
+                conn,
+                peer,
+                service,
+                code,
+                reason,
+            } => {
+                self.metrics.registration_rejected(code.name());
+                if code == ErrorCode::AuthFailed {
+                    self.metrics.auth_failure();
+                }
+                warn!(conn = conn.0, %peer, service = service.as_deref().unwrap_or("-"), code = %code, "control connection refused: {reason}");
+            }
+            GatewayEvent::SessionEnded {
+                conn,
+                service,
+                session_id,
+                reason,
+            } => {
+                if let Some(m) = self.metrics.service(&service) {
+                    m.agent_gone(session_id);
+                }
+                inner.registered.remove(&conn);
+                warn!(conn = conn.0, %service, session = session_id, "agent session ended: {reason}");
+            }
         }
     }
 }
@@ -147,6 +177,7 @@ fn log_event(e: GatewayEvent) {
 pub struct BoundGateway {
     shared: Arc<Shared>,
     listener: TcpListener,
+    admin: Option<TcpListener>,
     services: Vec<(String, TcpListener)>,
     fingerprint: [u8; 32],
 }
@@ -195,7 +226,13 @@ impl BoundGateway {
             seed,
         );
 
+        let names: Vec<String> = settings.services.iter().map(|s| s.name.clone()).collect();
+        let metrics = Arc::new(GatewayMetrics::new(&names));
         let listener = bind(settings.listen, "agents' listen").await?;
+        let admin = match settings.admin_listen {
+            Some(addr) => Some(bind(addr, "admin_listen").await?),
+            None => None,
+        };
         let mut service_listeners = Vec::new();
         for s in &settings.services {
             if let Some(addr) = s.tcp_listen {
@@ -208,16 +245,19 @@ impl BoundGateway {
                 core,
                 conns: HashMap::new(),
                 clients: HashMap::new(),
+                registered: HashMap::new(),
             }),
             timer: Notify::new(),
             ids: AtomicU64::new(1),
             acceptor,
             handshake_timeout: settings.timing.handshake_timeout,
             token_ttl: settings.timing.token_ttl,
+            metrics,
         });
         Ok(BoundGateway {
             shared,
             listener,
+            admin,
             services: service_listeners,
             fingerprint,
         })
@@ -225,6 +265,11 @@ impl BoundGateway {
 
     pub fn listen_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The bound address of `admin_listen`, when configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The bound public address of a service's `tcp_listen`.
@@ -239,18 +284,29 @@ impl BoundGateway {
         self.fingerprint
     }
 
+    /// Counters and state shown on `/metrics` and the status page.
+    pub fn metrics(&self) -> Arc<GatewayMetrics> {
+        self.shared.metrics.clone()
+    }
+
     /// Serves until `shutdown` completes, then stops accepting and returns. Established relays
     /// are left to finish on the runtime.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let BoundGateway {
             shared,
             listener,
+            admin,
             services,
             ..
         } = self;
         info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening for agents");
         let mut tasks = JoinSet::new();
         tasks.spawn(timer_task(shared.clone()));
+        if let Some(l) = admin {
+            info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin endpoint listening");
+            let routes: Arc<dyn crate::admin::AdminRoutes> = shared.metrics.clone();
+            tasks.spawn(crate::admin::serve(l, routes));
+        }
         tasks.spawn(agent_accept_loop(shared.clone(), listener));
         for (name, l) in services {
             info!(service = %name, addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening for clients");
@@ -312,29 +368,37 @@ async fn agent_accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
+/// Why a connection on the agent port was dropped before its hello: a metrics label and the
+/// logged explanation.
+type Dropped = (&'static str, String);
+
 /// Reads until the intake has classified the connection. Returns the classification and the
 /// bytes read past it.
-async fn classify(stream: &mut MaybeTls, tls: bool) -> Result<(Classified, Vec<u8>), String> {
+async fn classify(stream: &mut MaybeTls, tls: bool) -> Result<(Classified, Vec<u8>), Dropped> {
     let mut intake = Intake::new(tls);
     let mut buf = [0u8; 512];
     loop {
         let n = stream
             .read(&mut buf)
             .await
-            .map_err(|e| format!("read failed: {e}"))?;
+            .map_err(|e| ("read_error", format!("read failed: {e}")))?;
         if n == 0 {
-            return Err("closed before its hello".into());
+            return Err(("closed", "closed before its hello".into()));
         }
         let mut input = &buf[..n];
         match intake.handle_input(&mut input) {
             Ok(Some(c)) => return Ok((c, input.to_vec())),
             Ok(None) => {}
             Err(e) => {
-                if let Some(code) = e.code() {
-                    let _ = stream.write_all(&encode_error(code, &e.to_string())).await;
-                    let _ = stream.shutdown().await;
-                }
-                return Err(e.to_string());
+                let label = match e.code() {
+                    Some(code) => {
+                        let _ = stream.write_all(&encode_error(code, &e.to_string())).await;
+                        let _ = stream.shutdown().await;
+                        code.name()
+                    }
+                    None => "bad_magic",
+                };
+                return Err((label, e.to_string()));
             }
         }
     }
@@ -347,16 +411,16 @@ async fn agent_conn(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         let n = tcp
             .peek(&mut first)
             .await
-            .map_err(|e| format!("read failed: {e}"))?;
+            .map_err(|e| ("read_error", format!("read failed: {e}")))?;
         if n == 0 {
-            return Err("closed without sending anything".to_owned());
+            return Err(("closed", "closed without sending anything".to_owned()));
         }
         let mut stream = if first[0] == TLS_HANDSHAKE_RECORD {
             let tls = shared
                 .acceptor
                 .accept(tcp)
                 .await
-                .map_err(|e| format!("TLS handshake failed: {e}"))?;
+                .map_err(|e| ("tls_error", format!("TLS handshake failed: {e}")))?;
             MaybeTls::ServerTls(Box::new(tls))
         } else {
             MaybeTls::Plain(tcp)
@@ -368,11 +432,13 @@ async fn agent_conn(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     .await;
     let (stream, class, rest) = match opened {
         Ok(Ok(v)) => v,
-        Ok(Err(reason)) => {
+        Ok(Err((label, reason))) => {
+            shared.metrics.handshake_dropped(label);
             warn!(%peer, "connection on agent port dropped: {reason}");
             return;
         }
         Err(_) => {
+            shared.metrics.handshake_dropped("timeout");
             warn!(%peer, "connection on agent port dropped: no hello within {timeout:?}");
             return;
         }
@@ -432,8 +498,12 @@ async fn control_conn(shared: Arc<Shared>, stream: MaybeTls, peer: SocketAddr, e
                     Ok(n) => n,
                 };
                 let mut inner = shared.lock();
-                inner.core.handle_control_input(Instant::now(), conn, &buf[..n]);
+                let now = Instant::now();
+                inner.core.handle_control_input(now, conn, &buf[..n]);
                 shared.drive(&mut inner);
+                if let Some(m) = inner.registered.get(&conn).and_then(|s| shared.metrics.service(s)) {
+                    m.agent_heard(now);
+                }
             }
             _ = &mut closed_rx => break,
         }
@@ -462,17 +532,13 @@ async fn data_conn(
         let mut inner = shared.lock();
         let r = inner.core.handle_data_hello(Instant::now(), &hello, tls);
         let waiting = match r {
-            Ok(p) => inner
-                .clients
-                .remove(&p.client)
-                .map(|tx| (p, tx))
-                .ok_or(None),
+            Ok(p) => inner.clients.remove(&p.client).map(|w| (p, w)).ok_or(None),
             Err(rej) => Err(Some(rej)),
         };
         shared.drive(&mut inner);
         waiting
     };
-    let (paired, tx) = match waiting {
+    let (paired, waiting) = match waiting {
         Ok(v) => v,
         Err(rej) => {
             let (code, msg) = match rej {
@@ -482,6 +548,7 @@ async fn data_conn(
                     "the client left before the data connection arrived".to_owned(),
                 ),
             };
+            shared.metrics.data_refused(code.name());
             warn!(%peer, service = %hello.service, code = %code, "data connection refused: {msg}");
             let _ = stream.write_all(&encode_error(code, &msg)).await;
             let _ = stream.shutdown().await;
@@ -490,10 +557,13 @@ async fn data_conn(
     };
     if let Err(e) = stream.write_all(&encode_accept()).await {
         warn!(%peer, service = %paired.service, "data connection lost before pairing: {e}");
-        return; // dropping `tx` closes the client
+        return; // dropping the sender closes the client
+    }
+    if let Some(m) = shared.metrics.service(&paired.service) {
+        m.pairing_latency(waiting.since.elapsed());
     }
     debug!(%peer, service = %paired.service, request = paired.request_id, "data connection paired");
-    let _ = tx.send(DataConn { stream, early });
+    let _ = waiting.tx.send(DataConn { stream, early });
 }
 
 async fn client_accept_loop(shared: Arc<Shared>, service: String, listener: TcpListener) {
@@ -516,9 +586,19 @@ async fn client_conn(
 ) {
     let id = ClientId(shared.next_id());
     let (tx, rx) = oneshot::channel();
+    let metrics = shared.metrics.clone();
+    let svc = metrics.service(&service);
     {
         let mut inner = shared.lock();
-        inner.clients.insert(id, tx);
+        let since = Instant::now();
+        inner.clients.insert(
+            id,
+            Waiting {
+                tx,
+                service: service.clone(),
+                since,
+            },
+        );
         let r = inner.core.handle_client(
             Instant::now(),
             id,
@@ -530,6 +610,13 @@ async fn client_conn(
             inner.clients.remove(&id);
             shared.drive(&mut inner);
             drop(inner);
+            if let Some(m) = svc {
+                m.client_refused(match e {
+                    ClientReject::UnknownService(_) => "unknown_service",
+                    ClientReject::AgentOffline(_) => "agent_offline",
+                    ClientReject::Overloaded { .. } => "overloaded",
+                });
+            }
             info!(%peer, %service, "client refused: {e}");
             return;
         }
@@ -545,12 +632,18 @@ async fn client_conn(
             inner.core.handle_client_gone(Instant::now(), id);
             inner.clients.remove(&id);
             shared.drive(&mut inner);
+            if let Some(m) = svc {
+                m.client_failed("timeout");
+            }
             warn!(%peer, %service, "client dropped: no data connection within {guard:?}");
             return;
         }
     };
     let DataConn { stream, early } = data;
-    match crate::relay::relay(&mut client, stream, &early).await {
+    let Some(svc) = svc else { return };
+    let conn = svc.connection_opened();
+    let (up, down) = (|n| conn.add_up(n), |n| conn.add_down(n));
+    match crate::relay::relay(&mut client, stream, &early, &up, &down).await {
         Ok((up, down)) => debug!(%peer, %service, up, down, "client done"),
         Err(e) => debug!(%peer, %service, "client relay ended: {e}"),
     }

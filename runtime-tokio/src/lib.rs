@@ -1,7 +1,9 @@
 //! Runs the dialback core on tokio, with rustls for the control channel.
 
+pub mod admin;
 pub mod agent;
 pub mod gateway;
+pub mod metrics;
 pub mod outbound;
 pub mod relay;
 pub mod settings;

@@ -7,17 +7,25 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use crate::splice;
+use crate::splice::{self, Tally};
 use crate::stream::MaybeTls;
 
 /// Relays both directions until both are finished. `a_early` are bytes that already arrived
 /// for `a` (payload right behind a handshake frame); they are written to `a` first, never
 /// dropped. An EOF in one direction is passed on as a write shutdown while the other direction
-/// keeps flowing (half-close). Returns (bytes a→b, bytes b→a).
-pub async fn relay(a: &mut TcpStream, b: MaybeTls, a_early: &[u8]) -> io::Result<(u64, u64)> {
+/// keeps flowing (half-close). Delivered bytes are reported to `tally_ab` / `tally_ba` as they
+/// go on the splice path, and at the end on the copy path. Returns (bytes a→b, bytes b→a).
+pub async fn relay(
+    a: &mut TcpStream,
+    b: MaybeTls,
+    a_early: &[u8],
+    tally_ab: Tally<'_>,
+    tally_ba: Tally<'_>,
+) -> io::Result<(u64, u64)> {
     let mut early = a_early.len() as u64;
     if !a_early.is_empty() {
         a.write_all(a_early).await?;
+        tally_ba(early);
     }
     let plain = match b {
         MaybeTls::Plain(tcp) => tcp,
@@ -26,27 +34,41 @@ pub async fn relay(a: &mut TcpStream, b: MaybeTls, a_early: &[u8]) -> io::Result
             if !rest.is_empty() {
                 a.write_all(&rest).await?;
                 early += rest.len() as u64;
+                tally_ba(rest.len() as u64);
             }
             tcp
         }
         mut tls => {
-            let (ab, ba) =
-                tokio::io::copy_bidirectional_with_sizes(a, &mut tls, 16 * 1024, 16 * 1024).await?;
+            let (ab, ba) = copy(a, &mut tls, tally_ab, tally_ba).await?;
             return Ok((ab, ba + early));
         }
     };
     match splice::Pipes::new() {
         Ok(pipes) => {
-            let (ab, ba) = splice::relay(a, &plain, pipes).await?;
+            let (ab, ba) = splice::relay(a, &plain, pipes, tally_ab, tally_ba).await?;
             Ok((ab, ba + early))
         }
         Err(e) => {
             debug!("no pipes for splice ({e}); copying through user space");
             let mut plain = plain;
-            let (ab, ba) =
-                tokio::io::copy_bidirectional_with_sizes(a, &mut plain, 16 * 1024, 16 * 1024)
-                    .await?;
+            let (ab, ba) = copy(a, &mut plain, tally_ab, tally_ba).await?;
             Ok((ab, ba + early))
         }
     }
+}
+
+/// The user-space fallback; traffic is tallied when the connection ends.
+async fn copy<B>(
+    a: &mut TcpStream,
+    b: &mut B,
+    tally_ab: Tally<'_>,
+    tally_ba: Tally<'_>,
+) -> io::Result<(u64, u64)>
+where
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (ab, ba) = tokio::io::copy_bidirectional_with_sizes(a, b, 16 * 1024, 16 * 1024).await?;
+    tally_ab(ab);
+    tally_ba(ba);
+    Ok((ab, ba))
 }

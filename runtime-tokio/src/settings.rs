@@ -35,6 +35,8 @@ pub struct GatewaySettings {
     pub identity: IdentitySource,
     pub timing: Timing,
     pub services: Vec<GatewayService>,
+    /// Serves `/metrics`, `/status` and the status page when set.
+    pub admin_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -78,6 +80,8 @@ pub struct AgentSettings {
     pub connect_timeout: Duration,
     /// HTTP CONNECT proxies to pass through, in order, for control and data connections.
     pub proxies: Vec<dialback_core::connect_chain::ProxyHop>,
+    /// Serves the agent's `/metrics` when set.
+    pub admin_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone)]

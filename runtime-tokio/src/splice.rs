@@ -66,7 +66,12 @@ fn shutdown_write(s: &TcpStream) {
 
 /// Moves bytes from `from` to `to` until EOF, then shuts down `to`'s write side (half-close)
 /// after everything pending in the pipe has been delivered. Returns the bytes moved.
-async fn one_way(from: &TcpStream, to: &TcpStream, mut pipe: Pipe) -> io::Result<u64> {
+async fn one_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    mut pipe: Pipe,
+    tally: Tally<'_>,
+) -> io::Result<u64> {
     let mut total = 0u64;
     let mut eof = false;
     loop {
@@ -101,6 +106,7 @@ async fn one_way(from: &TcpStream, to: &TcpStream, mut pipe: Pipe) -> io::Result
                 Ok(n) => {
                     pipe.pending -= n;
                     total += n as u64;
+                    tally(n as u64);
                     moved |= n > 0;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -132,13 +138,22 @@ impl Pipes {
     }
 }
 
-/// Relays both directions with splice until both have ended.
-/// Returns (bytes a→b, bytes b→a).
-pub async fn relay(a: &TcpStream, b: &TcpStream, pipes: Pipes) -> io::Result<(u64, u64)> {
+/// Called with every batch of bytes delivered, for live traffic counters.
+pub type Tally<'a> = &'a (dyn Fn(u64) + Sync);
+
+/// Relays both directions with splice until both have ended, reporting delivered bytes to
+/// `tally_ab` / `tally_ba` as they go. Returns (bytes a→b, bytes b→a).
+pub async fn relay(
+    a: &TcpStream,
+    b: &TcpStream,
+    pipes: Pipes,
+    tally_ab: Tally<'_>,
+    tally_ba: Tally<'_>,
+) -> io::Result<(u64, u64)> {
     let Pipes(ab, ba) = pipes;
     // An error in either direction (a reset, say) ends the relay at once; the caller then
     // closes both sockets, so the other direction cannot wait forever.
-    tokio::try_join!(one_way(a, b, ab), one_way(b, a, ba))
+    tokio::try_join!(one_way(a, b, ab, tally_ab), one_way(b, a, ba, tally_ba))
 }
 
 #[cfg(test)]
@@ -159,7 +174,10 @@ mod tests {
         // client <-> (a | relay | b) <-> server
         let (mut client, a) = pair().await;
         let (b, mut server) = pair().await;
-        let relay = tokio::spawn(async move { relay(&a, &b, Pipes::new().unwrap()).await });
+        let relay =
+            tokio::spawn(
+                async move { relay(&a, &b, Pipes::new().unwrap(), &|_| {}, &|_| {}).await },
+            );
         let data: Vec<u8> = (0..5_000_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
         let expect = data.clone();
         let writer = tokio::spawn(async move {

@@ -12,7 +12,7 @@ use dialback_tokio::tls::{parse_fingerprint, server_name};
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::common::{check_host_port, service_path, EnvLookup, PasswordKeys};
+use super::common::{check_host_port, parse_socket_addr, service_path, EnvLookup, PasswordKeys};
 use super::duration::RawDuration;
 use super::gateway::duration;
 use super::source::Source;
@@ -32,6 +32,7 @@ struct RawAgent {
     connect_timeout: Option<Spanned<RawDuration>>,
     #[serde(default)]
     proxies: Vec<super::proxies::RawProxy>,
+    admin_listen: Option<Spanned<String>>,
     #[serde(default)]
     services: BTreeMap<Spanned<String>, RawService>,
 }
@@ -111,6 +112,13 @@ pub fn parse(
         DEFAULT_CONNECT_TIMEOUT,
     )?;
     let proxies = super::proxies::parse(src, raw.proxies, env)?;
+    let admin_listen = match &raw.admin_listen {
+        None => None,
+        Some(text) => Some(
+            parse_socket_addr(text.get_ref())
+                .map_err(|why| src.error_at(Some(text.span()), "admin_listen", why))?,
+        ),
+    };
     let services = services(src, raw.services, env, &mut warnings)?;
     Ok((
         AgentSettings {
@@ -122,6 +130,7 @@ pub fn parse(
             reconnect_max,
             connect_timeout,
             proxies,
+            admin_listen,
         },
         warnings,
     ))

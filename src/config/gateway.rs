@@ -14,7 +14,7 @@ use toml::Spanned;
 
 use super::common::{parse_socket_addr, service_path, EnvLookup, PasswordKeys};
 use super::duration::RawDuration;
-use super::source::Source;
+use super::source::{key_path, Source};
 use super::ConfigError;
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7000";
@@ -32,6 +32,7 @@ struct RawGateway {
     dead_after: Option<Spanned<RawDuration>>,
     token_ttl: Option<Spanned<RawDuration>>,
     handshake_timeout: Option<Spanned<RawDuration>>,
+    admin_listen: Option<Spanned<String>>,
     #[serde(default)]
     services: BTreeMap<Spanned<String>, RawService>,
 }
@@ -52,38 +53,105 @@ pub fn parse(
     src: &Source<'_>,
     env: EnvLookup<'_>,
 ) -> Result<(GatewaySettings, Vec<String>), ConfigError> {
+    let checked = check(src, env)?;
+    match (checked.settings, checked.problems.into_iter().next()) {
+        (Some(settings), None) => Ok((settings, checked.warnings)),
+        (_, Some(first)) => Err(first),
+        (None, None) => Err(src.error("invalid configuration")),
+    }
+}
+
+/// Everything found in a gateway config: the settings when there is no problem, otherwise
+/// every problem that does not depend on another (in the order of the file's checks, not
+/// sorted), and the warnings.
+pub struct Checked {
+    pub settings: Option<GatewaySettings>,
+    pub problems: Vec<ConfigError>,
+    pub warnings: Vec<String>,
+}
+
+/// Checks the whole file and keeps going after a problem. Fails only when the file cannot be
+/// read as a gateway config at all (a TOML syntax error, or a shape error with a strict
+/// `src`). With a lenient `src`, the shape errors it got past are in `src.take_problems()`.
+pub fn check(src: &Source<'_>, env: EnvLookup<'_>) -> Result<Checked, ConfigError> {
     let raw: RawGateway = src.deserialize()?;
+    let mut problems = Vec::new();
     let mut warnings = Vec::new();
     let listen = match &raw.listen {
-        Some(text) => socket_addr(src, "listen", text)?,
-        None => parse_socket_addr(DEFAULT_LISTEN).map_err(|e| src.error(e))?,
+        Some(text) => socket_addr(src, "listen", text)
+            .map_err(|e| problems.push(e))
+            .ok(),
+        // A listen dropped for its shape is unknown, not the default.
+        None if src.dropped("listen") => None,
+        None => Some(parse_socket_addr(DEFAULT_LISTEN).map_err(|e| src.error(e))?),
     };
-    let identity = identity(src, &raw)?;
-    let timing = timing(src, &raw)?;
-    let services = services(src, raw.services, listen, env, &mut warnings)?;
-    Ok((
-        GatewaySettings {
-            listen,
-            identity,
-            timing,
-            services,
-        },
+    let identity = identity(src, &raw, &mut problems);
+    let timing = timing(src, &raw, &mut problems);
+    let admin_listen = raw.admin_listen.as_ref().and_then(|text| {
+        let addr = socket_addr(src, "admin_listen", text)
+            .map_err(|e| problems.push(e))
+            .ok()?;
+        if let Some(l) = listen.filter(|l| clash(*l, addr)) {
+            problems.push(src.error_at(
+                Some(text.span()),
+                "admin_listen",
+                format!(
+                    "{addr} clashes with the gateway's listen = \"{l}\": each needs its own port"
+                ),
+            ));
+        }
+        Some(addr)
+    });
+    let mut taken: Vec<(SocketAddr, String)> = listen
+        .map(|l| (l, "listen".to_owned()))
+        .into_iter()
+        .collect();
+    taken.extend(admin_listen.map(|a| (a, "admin_listen".to_owned())));
+    let services = services(src, raw.services, taken, env, &mut problems, &mut warnings);
+    let settings = match (listen, identity, timing) {
+        (Some(listen), Some(identity), Some(timing)) if problems.is_empty() => {
+            Some(GatewaySettings {
+                listen,
+                identity,
+                timing,
+                services,
+                admin_listen,
+            })
+        }
+        _ => None,
+    };
+    Ok(Checked {
+        settings,
+        problems,
         warnings,
-    ))
+    })
 }
 
 /// Only the identity part, for `dialback fingerprint`: it must work on a machine where the
 /// services' password files or variables are not available.
 pub fn parse_identity(src: &Source<'_>) -> Result<IdentitySource, ConfigError> {
     let raw: RawGateway = src.deserialize()?;
-    identity(src, &raw)
+    let mut problems = Vec::new();
+    match identity(src, &raw, &mut problems) {
+        Some(identity) if problems.is_empty() => Ok(identity),
+        _ => Err(problems
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| src.error("invalid identity"))),
+    }
 }
 
-fn identity(src: &Source<'_>, raw: &RawGateway) -> Result<IdentitySource, ConfigError> {
+fn identity(
+    src: &Source<'_>,
+    raw: &RawGateway,
+    problems: &mut Vec<ConfigError>,
+) -> Option<IdentitySource> {
+    let before = problems.len();
     let path = |value: &Spanned<String>| src.resolve(Path::new(value.get_ref()));
     let state_dir = match &raw.state_dir {
         Some(dir) if dir.get_ref().is_empty() => {
-            return Err(src.error_at(Some(dir.span()), "state_dir", "must not be empty"))
+            problems.push(src.error_at(Some(dir.span()), "state_dir", "must not be empty"));
+            PathBuf::new()
         }
         Some(dir) => path(dir),
         None => src.resolve(Path::new(DEFAULT_STATE_DIR)),
@@ -92,64 +160,85 @@ fn identity(src: &Source<'_>, raw: &RawGateway) -> Result<IdentitySource, Config
         (Some(cert), Some(key)) => {
             for (name, value) in [("cert", cert), ("key", key)] {
                 if value.get_ref().is_empty() {
-                    return Err(src.error_at(Some(value.span()), name, "must not be empty"));
+                    problems.push(src.error_at(Some(value.span()), name, "must not be empty"));
                 }
             }
             (Some(path(cert)), Some(path(key)))
         }
+        // Dropped for its shape: already reported, not "missing".
+        (Some(_), None) if src.dropped("key") => (None, None),
+        (None, Some(_)) if src.dropped("cert") => (None, None),
         (Some(cert), None) => {
-            return Err(src.error_at(
+            problems.push(src.error_at(
                 Some(cert.span()),
                 "cert",
                 "cert and key go together: key is missing",
-            ))
+            ));
+            (None, None)
         }
         (None, Some(key)) => {
-            return Err(src.error_at(
+            problems.push(src.error_at(
                 Some(key.span()),
                 "key",
                 "cert and key go together: cert is missing",
-            ))
+            ));
+            (None, None)
         }
         (None, None) => (None, None),
     };
-    Ok(IdentitySource {
+    (problems.len() == before).then_some(IdentitySource {
         cert,
         key,
         state_dir,
     })
 }
 
-fn timing(src: &Source<'_>, raw: &RawGateway) -> Result<Timing, ConfigError> {
+fn timing(src: &Source<'_>, raw: &RawGateway, problems: &mut Vec<ConfigError>) -> Option<Timing> {
     let defaults = Timing::default();
-    let timing = Timing {
-        heartbeat: duration(src, "heartbeat", &raw.heartbeat, defaults.heartbeat)?,
-        dead_after: duration(src, "dead_after", &raw.dead_after, defaults.dead_after)?,
-        token_ttl: duration(src, "token_ttl", &raw.token_ttl, defaults.token_ttl)?,
-        handshake_timeout: duration(
-            src,
-            "handshake_timeout",
-            &raw.handshake_timeout,
-            defaults.handshake_timeout,
-        )?,
+    let mut get = |key: &str, value: &Option<Spanned<RawDuration>>, default: Duration| {
+        duration(src, key, value, default)
+            .map_err(|e| problems.push(e))
+            .ok()
     };
-    timing.validate().map_err(|why| {
+    let heartbeat = get("heartbeat", &raw.heartbeat, defaults.heartbeat);
+    let dead_after = get("dead_after", &raw.dead_after, defaults.dead_after);
+    let token_ttl = get("token_ttl", &raw.token_ttl, defaults.token_ttl);
+    let handshake_timeout = get(
+        "handshake_timeout",
+        &raw.handshake_timeout,
+        defaults.handshake_timeout,
+    );
+    let timing = Timing {
+        heartbeat: heartbeat?,
+        dead_after: dead_after?,
+        token_ttl: token_ttl?,
+        handshake_timeout: handshake_timeout?,
+    };
+    // A timer dropped for its shape has no value to compare; the default would mislead.
+    if ["heartbeat", "dead_after", "token_ttl", "handshake_timeout"]
+        .iter()
+        .any(|key| src.dropped(key))
+    {
+        return None;
+    }
+    if let Err(why) = timing.validate() {
         // Blame the key the operator wrote; heartbeat first since it is the usual culprit.
         let (key, span) = match (&raw.heartbeat, &raw.dead_after) {
             (Some(h), _) => ("heartbeat", Some(h.span())),
             (None, Some(d)) => ("dead_after", Some(d.span())),
             (None, None) => ("heartbeat", None),
         };
-        src.error_at(
+        problems.push(src.error_at(
             span,
             key,
             format!(
                 "{why} (heartbeat = {:?}, dead_after = {:?})",
                 timing.heartbeat, timing.dead_after
             ),
-        )
-    })?;
-    Ok(timing)
+        ));
+        return None;
+    }
+    Some(timing)
 }
 
 pub(super) fn duration(
@@ -175,81 +264,130 @@ fn socket_addr(
     parse_socket_addr(text.get_ref()).map_err(|why| src.error_at(Some(text.span()), key, why))
 }
 
+/// Checks every service, each on its own: a problem in one does not hide those of another.
+/// Returns the services that are valid.
 fn services(
     src: &Source<'_>,
     raw: BTreeMap<Spanned<String>, RawService>,
-    listen: SocketAddr,
+    // Addresses the gateway binds besides the services', with the key that binds each.
+    mut bound: Vec<(SocketAddr, String)>,
     env: EnvLookup<'_>,
+    problems: &mut Vec<ConfigError>,
     warnings: &mut Vec<String>,
-) -> Result<Vec<GatewayService>, ConfigError> {
+) -> Vec<GatewayService> {
     if raw.is_empty() {
-        return Err(
-            src.error("no services: add a [services.NAME] table with a password and tcp_listen")
-        );
+        // `services` dropped for its shape has been reported already.
+        if !src.dropped("services") {
+            problems.push(
+                src.error(
+                    "no services: add a [services.NAME] table with a password and tcp_listen",
+                ),
+            );
+        }
+        return Vec::new();
     }
     let mut raw: Vec<_> = raw.into_iter().collect();
     raw.sort_by_key(|(name, _)| name.span().start);
-    // Every address bound so far with the key that binds it, to catch clashes.
-    let mut bound: Vec<(SocketAddr, String)> = vec![(listen, "listen".to_owned())];
+    // `bound` grows with every address bound so far, to catch clashes.
     let mut services = Vec::with_capacity(raw.len());
     for (name, service) in raw {
-        let path = service_path(src, &name)?;
+        let before = problems.len();
+        let path = service_path(src, &name).unwrap_or_else(|e| {
+            problems.push(e);
+            key_path(["services", name.get_ref().as_str()])
+        });
         let password = PasswordKeys {
             password: service.password,
             password_file: service.password_file,
             password_env: service.password_env,
         }
-        .resolve(src, &path, &name, env, warnings)?;
-        let Some(tcp_listen_text) = service.tcp_listen else {
-            return Err(src.error_at(
-                Some(name.span()),
-                path,
-                format!(
-                    "service {} has no public entry: set tcp_listen",
-                    name.get_ref()
-                ),
-            ));
+        .resolve(src, &path, &name, env, warnings);
+        let password = match password {
+            Ok(password) => Some(password),
+            // A password dropped for its shape is reported already; "no password" would be
+            // a consequence.
+            Err(_) if src_dropped_under(src, &path, "password") => None,
+            Err(e) => {
+                problems.push(e);
+                None
+            }
         };
         let key = format!("{path}.tcp_listen");
-        let tcp_listen = socket_addr(src, &key, &tcp_listen_text)?;
-        if let Some((other, other_key)) = bound.iter().find(|(b, _)| clash(*b, tcp_listen)) {
-            let what = if other_key == "listen" {
-                format!("the gateway's listen = \"{other}\"")
-            } else {
-                format!("{other_key} = \"{other}\"")
-            };
-            return Err(src.error_at(
-                Some(tcp_listen_text.span()),
-                key,
-                format!("{tcp_listen} clashes with {what}: each needs its own port"),
-            ));
-        }
-        bound.push((tcp_listen, key));
+        let tcp_listen = match service.tcp_listen {
+            None if src.dropped(&key) => None,
+            None => {
+                problems.push(src.error_at(
+                    Some(name.span()),
+                    path.as_str(),
+                    format!(
+                        "service {} has no public entry: set tcp_listen",
+                        name.get_ref()
+                    ),
+                ));
+                None
+            }
+            Some(text) => match socket_addr(src, &key, &text) {
+                Err(e) => {
+                    problems.push(e);
+                    None
+                }
+                Ok(tcp_listen) => {
+                    if let Some((other, other_key)) =
+                        bound.iter().find(|(b, _)| clash(*b, tcp_listen))
+                    {
+                        let what = if other_key == "listen" {
+                            format!("the gateway's listen = \"{other}\"")
+                        } else {
+                            format!("{other_key} = \"{other}\"")
+                        };
+                        problems.push(src.error_at(
+                            Some(text.span()),
+                            key.as_str(),
+                            format!("{tcp_listen} clashes with {what}: each needs its own port"),
+                        ));
+                    } else {
+                        bound.push((tcp_listen, key));
+                    }
+                    Some(tcp_listen)
+                }
+            },
+        };
         let max_pending = match service.max_pending {
             None => DEFAULT_MAX_PENDING,
             Some(value) => match usize::try_from(*value.get_ref()) {
                 Ok(n) if (1..=MAX_PENDING_LIMIT).contains(value.get_ref()) => n,
                 _ => {
-                    return Err(src.error_at(
+                    problems.push(src.error_at(
                         Some(value.span()),
                         format!("{path}.max_pending"),
                         format!(
                             "must be from 1 to {MAX_PENDING_LIMIT} (got {})",
                             value.get_ref()
                         ),
-                    ))
+                    ));
+                    DEFAULT_MAX_PENDING
                 }
             },
         };
-        services.push(GatewayService {
-            name: name.into_inner(),
-            password,
-            tcp_listen: Some(tcp_listen),
-            data_tls: service.data_tls,
-            max_pending,
-        });
+        if let (Some(password), Some(tcp_listen)) = (password, tcp_listen) {
+            if problems.len() == before {
+                services.push(GatewayService {
+                    name: name.into_inner(),
+                    password,
+                    tcp_listen: Some(tcp_listen),
+                    data_tls: service.data_tls,
+                    max_pending,
+                });
+            }
+        }
     }
-    Ok(services)
+    services
+}
+
+/// Whether one of the `PREFIX*` keys of the table at `path` was dropped for its shape.
+fn src_dropped_under(src: &Source<'_>, path: &str, prefix: &str) -> bool {
+    let under = format!("{path}.{prefix}");
+    src.dropped_keys().iter().any(|k| k.starts_with(&under))
 }
 
 /// Whether binding both addresses would fail: same port, and the same IP or a wildcard that

@@ -165,12 +165,10 @@ fn unknown_service_key_names_line_and_full_key() {
 
 #[test]
 fn planned_keys_say_not_supported_yet() {
-    let e = gw_err(&format!(
-        "admin_listen = \"127.0.0.1:7001\"\n{MINIMAL_GATEWAY}"
-    ));
+    let e = gw_err(&format!("allow_from = [\"*\"]\n{MINIMAL_GATEWAY}"));
     assert_eq!(
         e.to_string(),
-        "gateway.toml:1: admin_listen: `admin_listen` is not supported by this version yet"
+        "gateway.toml:1: allow_from: `allow_from` is not supported by this version yet"
     );
 }
 
@@ -799,4 +797,308 @@ fn bad_proxies_name_the_hop() {
         "proxies = [\"http://u:topsecret@p\"]\n{MINIMAL_AGENT}"
     ));
     assert!(!e.to_string().contains("topsecret"), "{e}");
+}
+
+// ---- dialback check: every problem at once ----
+
+fn check_text(name: &str, text: &str) -> check::Report {
+    check::check_str(Path::new(name), text, &fake_env)
+}
+
+fn problem_lines(report: &check::Report) -> Vec<String> {
+    report.problems.iter().map(ToString::to_string).collect()
+}
+
+#[test]
+fn check_reports_every_gateway_problem_sorted_by_line() {
+    let text = r#"listen = "0.0.0.0:7000"
+heartbeat = "20 s"
+bogus = 1
+
+[services.web]
+password = "correct horse battery"
+tcp_listen = "0.0.0.0:9000"
+
+[services.api]
+tcp_listen = "0.0.0.0:9000"
+
+[services."my web"]
+password = "correct horse battery"
+password_file = "pw"
+tcp_listen = "0.0.0.0:7000"
+max_pending = 0
+"#;
+    let report = check_text("gateway.toml", text);
+    assert_eq!(report.kind, Some(ConfigKind::Gateway));
+    assert_eq!(report.service_count, 3);
+    let lines = problem_lines(&report);
+    let expected = [
+        "gateway.toml:2: heartbeat: invalid duration \"20 s\"",
+        "gateway.toml:3: bogus: unknown field `bogus`",
+        "gateway.toml:9: services.api: no password",
+        "gateway.toml:10: services.api.tcp_listen: 0.0.0.0:9000 clashes with services.web.tcp_listen",
+        "gateway.toml:12: services.\"my web\": invalid service name",
+        "gateway.toml:14: services.\"my web\": set only one of password, password_file or password_env",
+        "gateway.toml:15: services.\"my web\".tcp_listen: 0.0.0.0:7000 clashes with the gateway's listen",
+        "gateway.toml:16: services.\"my web\".max_pending: must be from 1 to 65536",
+    ];
+    assert_eq!(lines.len(), expected.len(), "{lines:#?}");
+    for (line, want) in lines.iter().zip(expected) {
+        assert!(
+            line.starts_with(want),
+            "{line:?} should start with {want:?}"
+        );
+    }
+    let rendered = report.render();
+    assert!(
+        rendered.ends_with("gateway.toml: 8 problems (gateway config)\n"),
+        "{rendered}"
+    );
+}
+
+#[test]
+fn check_does_not_report_consequences_of_a_mistyped_value() {
+    // A mistyped password is not also "missing"; a mistyped tcp_listen not also "no entry";
+    // a mistyped heartbeat is not compared with dead_after.
+    let text =
+        "heartbeat = 5\ndead_after = \"10s\"\n[services.web]\npassword = 123\ntcp_listen = 9000\n";
+    let report = check_text("gateway.toml", text);
+    let lines = problem_lines(&report);
+    assert_eq!(
+        lines,
+        [
+            "gateway.toml:1: heartbeat: bare number 5 is not a duration: add a unit, e.g. \"5s\" (units: ms, s, m, h)",
+            "gateway.toml:4: services.web.password: must be a string",
+            "gateway.toml:5: services.web.tcp_listen: invalid type: integer `9000`, expected a string",
+        ]
+    );
+    // A mistyped listen is unknown, not the default: no clash with 0.0.0.0:7000.
+    let text = "listen = 7000\n[services.web]\npassword = \"correct horse battery\"\ntcp_listen = \"0.0.0.0:7000\"\n";
+    let lines = problem_lines(&check_text("gateway.toml", text));
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].starts_with("gateway.toml:1: listen: invalid type"),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn check_reports_every_agent_problem() {
+    let text = r#"gateway = "gw.example.com"
+fingerprint = "sha256:abcd"
+reconnect_min = "1m"
+reconnect_max = "10"
+colour = "blue"
+proxies = ["http://p", "http://ok:1"]
+
+[services.rdp]
+password_env = "NOPE_NOT_SET"
+local = "127.0.0.1"
+
+[services."bad name"]
+password = "correct horse battery"
+local = "127.0.0.1:80"
+
+[services.web]
+password = 1234
+locale = "127.0.0.1:8080"
+"#;
+    let report = check_text("agent.toml", text);
+    assert_eq!(report.kind, Some(ConfigKind::Agent));
+    let lines = problem_lines(&report);
+    let expected = [
+        "agent.toml:1: gateway: invalid address \"gw.example.com\": the port is missing",
+        "agent.toml:2: fingerprint: ",
+        "agent.toml:4: reconnect_max: invalid duration \"10\"",
+        "agent.toml:5: colour: unknown field `colour`",
+        "agent.toml:6: proxies[1]: ",
+        "agent.toml:9: services.rdp.password_env: environment variable NOPE_NOT_SET is not set",
+        "agent.toml:10: services.rdp.local: invalid address \"127.0.0.1\"",
+        "agent.toml:12: services.\"bad name\": invalid service name",
+        // The header line: locale is not local.
+        "agent.toml:16: services.web: no local address",
+        "agent.toml:17: services.web.password: must be a string",
+        "agent.toml:18: services.web.locale: unknown field `locale`",
+    ];
+    assert_eq!(lines.len(), expected.len(), "{lines:#?}");
+    for (line, want) in lines.iter().zip(expected) {
+        assert!(
+            line.starts_with(want),
+            "{line:?} should start with {want:?}"
+        );
+    }
+}
+
+#[test]
+fn check_agent_trust_problems_are_not_doubled() {
+    // A bad value of the only trust option is not also "no way to verify".
+    let text = MINIMAL_AGENT.replace(FINGERPRINT, "sha256:abcd");
+    let lines = problem_lines(&check_text("agent.toml", &text));
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    // A mistyped one neither.
+    let text = format!("insecure = \"yes\"\n{}", without_fingerprint());
+    let lines = problem_lines(&check_text("agent.toml", &text));
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].starts_with("agent.toml:1: insecure: invalid type"),
+        "{lines:?}"
+    );
+    // But no trust option at all is a problem of its own, next to the others.
+    let text = without_fingerprint().replace("127.0.0.1:8080", "nope");
+    let lines = problem_lines(&check_text("agent.toml", &text));
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(
+        lines[0].starts_with("agent.toml: no way to verify"),
+        "{lines:?}"
+    );
+    assert!(
+        lines[1].starts_with("agent.toml:6: services.web.local"),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn check_ok_report() {
+    let report = check_text("gateway.toml", &MINIMAL_GATEWAY.replace(PASSWORD, "short"));
+    assert!(report.is_ok());
+    assert_eq!(
+        report.render(),
+        "warning: gateway.toml:3: services.web.password: the password has only 5 characters; use at least 12, ideally a long random one\ngateway.toml: ok (gateway, 1 service)\n"
+    );
+    let report = check_text("agent.toml", MINIMAL_AGENT);
+    assert_eq!(report.render(), "agent.toml: ok (agent, 1 service)\n");
+    let report = check_text("x.toml", "x = [");
+    assert_eq!(report.kind, None);
+    assert!(
+        report.render().ends_with("x.toml: 1 problem\n"),
+        "{}",
+        report.render()
+    );
+}
+
+/// Whatever the file, `check` passes exactly when the startup loader does, and reports the
+/// loader's error among its problems.
+#[test]
+fn check_agrees_with_the_startup_loaders() {
+    let agent_variants = [
+        MINIMAL_AGENT.to_owned(),
+        without_fingerprint(),
+        format!("ca = \"system\"\n{MINIMAL_AGENT}"),
+        format!("ca = \"corp\"\n{MINIMAL_AGENT}"),
+        format!("insecure = true\nca_file = \"\"\n{}", without_fingerprint()),
+        format!("reconnect_min = \"2s\"\nreconnect_max = \"1s\"\n{MINIMAL_AGENT}"),
+        format!("reconnect_min = \"2x\"\nreconnect_max = \"1s\"\n{MINIMAL_AGENT}"),
+        format!("server_name = \"bad name\"\n{MINIMAL_AGENT}"),
+        format!("proxies = [\"https://p:1\", {{ url = \"http://q:1\", auth = \"basic\" }}]\n{MINIMAL_AGENT}"),
+        format!("proxies = 5\n{MINIMAL_AGENT}"),
+        format!("services = 5\n{}", MINIMAL_AGENT.split("[services").next().unwrap()),
+        MINIMAL_AGENT.replace("gateway = \"gw.example.com:7000\"\n", "fingerprint2 = 1\n"),
+        MINIMAL_AGENT.replace("gateway = \"gw.example.com:7000\"", "gateway = 7000"),
+        MINIMAL_AGENT.replace("local = \"127.0.0.1:8080\"\n", ""),
+        MINIMAL_AGENT.replace("password = \"correct horse battery\"\n", ""),
+        format!("{MINIMAL_AGENT}password_env = \"GW_PASSWORD\"\n"),
+        format!("{MINIMAL_AGENT}[services.x]\n[services.y]\npassword = 1\n"),
+    ];
+    let gateway_variants = [
+        MINIMAL_GATEWAY.to_owned(),
+        String::new(),
+        "[services]\n".to_owned(),
+        "services = 1\n".to_owned(),
+        format!("cert = \"a\"\n{MINIMAL_GATEWAY}"),
+        format!("cert = 1\n{MINIMAL_GATEWAY}"),
+        format!("cert = \"\"\nkey = \"\"\nstate_dir = \"\"\n{MINIMAL_GATEWAY}"),
+        format!("heartbeat = \"1m\"\n{MINIMAL_GATEWAY}"),
+        format!("heartbeat = \"1m\"\ndead_after = \"0s\"\n{MINIMAL_GATEWAY}"),
+        format!("admin_listen = \"127.0.0.1:1\"\n{MINIMAL_GATEWAY}"),
+        format!("listen = \"x\"\n{MINIMAL_GATEWAY}"),
+        MINIMAL_GATEWAY.replace("0.0.0.0:9000", "0.0.0.0:7000"),
+        format!("{MINIMAL_GATEWAY}data_tls = \"yes\"\nmax_pending = 70000\n"),
+        format!("{MINIMAL_GATEWAY}[services.b]\npassword_env = \"EMPTY_PASSWORD\"\ntcp_listen = \"0.0.0.0:9000\"\n"),
+        "[services.web]\npassword = \"correct horse battery\"\n".to_owned(),
+        "[services.\"\"]\n".to_owned(),
+        "listen = [\n".to_owned(),
+    ];
+    let cases = agent_variants
+        .iter()
+        .map(|t| (Path::new("agent.toml"), t))
+        .chain(
+            gateway_variants
+                .iter()
+                .map(|t| (Path::new("gateway.toml"), t)),
+        );
+    for (path, text) in cases {
+        let report = check::check_str(path, text, &fake_env);
+        match load_any_str(path, text, &fake_env) {
+            Ok(_) => assert!(report.is_ok(), "{text}\n{}", report.render()),
+            Err(e) => {
+                assert!(!report.is_ok(), "{text}");
+                assert!(
+                    report.problems.contains(&e),
+                    "{text}\nloader: {e}\ncheck:\n{}",
+                    report.render()
+                );
+            }
+        }
+        // Never an empty line, always a summary.
+        let rendered = report.render();
+        assert!(!rendered.contains("\n\n"), "{rendered}");
+        assert!(rendered
+            .lines()
+            .last()
+            .unwrap()
+            .starts_with(path.to_str().unwrap()));
+    }
+}
+
+#[test]
+fn kind_detection_uses_agent_only_keys() {
+    // No `gateway` key (a problem of its own), but clearly an agent config.
+    assert_eq!(
+        detect_kind(
+            &without_fingerprint()
+                .replace("gateway = \"gw.example.com:7000\"\n", "insecure = true\n")
+        ),
+        ConfigKind::Agent
+    );
+    assert_eq!(
+        detect_kind("[services.web]\nlocal = \"a:1\"\n"),
+        ConfigKind::Agent
+    );
+    assert_eq!(
+        detect_kind("[services.web]\nlocal = \"a:1\"\ntcp_listen = \"0.0.0.0:1\"\n"),
+        ConfigKind::Gateway
+    );
+    let report = check_text("agent.toml", "fingerprint = \"x\"\n[services.web]\npassword = \"correct horse battery\"\nlocal = \"a:1\"\n");
+    let lines = problem_lines(&report);
+    assert_eq!(report.kind, Some(ConfigKind::Agent));
+    assert!(
+        lines[0].starts_with("agent.toml: gateway: missing"),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn admin_listen_is_parsed_and_must_not_clash() {
+    let (s, _) = gw(&format!(
+        "admin_listen = \"127.0.0.1:7001\"\n{MINIMAL_GATEWAY}"
+    ))
+    .unwrap();
+    assert_eq!(s.admin_listen, Some(addr("127.0.0.1:7001")));
+    let e = gw_err(&format!(
+        "admin_listen = \"0.0.0.0:7000\"\n{MINIMAL_GATEWAY}"
+    ));
+    assert_eq!(e.key(), Some("admin_listen"));
+    assert!(e.to_string().contains("clashes"), "{e}");
+    let e = gw_err(&format!(
+        "admin_listen = \"127.0.0.1:9000\"\n{MINIMAL_GATEWAY}"
+    ));
+    assert_eq!(e.key(), Some("services.web.tcp_listen"));
+    let e = gw_err(&format!("admin_listen = \"localhost\"\n{MINIMAL_GATEWAY}"));
+    assert_eq!((e.line(), e.key()), (Some(1), Some("admin_listen")));
+    let (a, _) = ag(&format!(
+        "admin_listen = \"127.0.0.1:7002\"\n{MINIMAL_AGENT}"
+    ))
+    .unwrap();
+    assert_eq!(a.admin_listen, Some(addr("127.0.0.1:7002")));
+    assert_eq!(ag(MINIMAL_AGENT).unwrap().0.admin_listen, None);
 }
