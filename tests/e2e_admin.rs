@@ -250,3 +250,74 @@ fn status_page_shows_service_and_agent_in_chromium() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn agent_metrics_show_registration_and_traffic() {
+    let dir = Dir::new();
+    let conf = gateway_toml(
+        &dir,
+        &GatewayConf {
+            listen: "127.0.0.1:0",
+            timers: FAST_TIMERS,
+            services: &[("web", PW)],
+            extra: "",
+        },
+    );
+    let gw = RunningGateway::start(&conf);
+    let agent_conf = agent_toml(
+        &dir,
+        "agent.toml",
+        gw.listen,
+        &gw.fingerprint,
+        &[("web", PW, echo_server())],
+    );
+    let text = std::fs::read_to_string(&agent_conf).unwrap();
+    std::fs::write(
+        &agent_conf,
+        format!("admin_listen = \"127.0.0.1:0\"\n{text}"),
+    )
+    .unwrap();
+    let agent = Proc::start("agent", &["agent", "-c", agent_conf.to_str().unwrap()]);
+    let line = agent.wait_for("agent admin listener", STARTUP, |l| {
+        message_is(l, "admin endpoint listening")
+    });
+    let admin: SocketAddr = field(&line, "addr").unwrap().parse().unwrap();
+    gw.wait_registered("web", 1);
+    let data = random_bytes(50_000, 5);
+    assert!(
+        roundtrip(
+            gw.service_addr("web"),
+            data.clone(),
+            Duration::from_secs(30)
+        ) == data
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, text) = http_get(admin, "/metrics");
+        assert_eq!(status, 200);
+        let m = parse_metrics(&text);
+        let registered = sample(&m, "dialback_agent_registered", &[("service", "web")]);
+        let total = sample(
+            &m,
+            "dialback_agent_data_connections_total",
+            &[("service", "web")],
+        )
+        .unwrap_or(0.0);
+        let up = sample(
+            &m,
+            "dialback_agent_bytes_total",
+            &[("service", "web"), ("direction", "up")],
+        )
+        .unwrap_or(0.0);
+        if registered == Some(1.0) && total >= 1.0 && up >= 50_000.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agent metrics did not move:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The agent has no status page.
+    assert_eq!(http_get(admin, "/").0, 404);
+}
