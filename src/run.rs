@@ -137,6 +137,11 @@ async fn demo_async(opts: DemoOptions) -> anyhow::Result<()> {
         }
         page.map(|_| ())
     } else {
+        // Announce the URL only once the page really comes through the tunnel.
+        if let Err(e) = fetch_through_tunnel(public).await {
+            let _ = stop_tx.send(true);
+            return Err(e);
+        }
         println!("dialback demo is up: open {url}");
         if let Some(status) = &status_page {
             println!("the gateway's status page is at {status} (metrics: {status}metrics)");
