@@ -292,8 +292,16 @@ async fn session(
     let mut buf = vec![0u8; 4096];
     loop {
         while let Some(bytes) = ctrl.poll_transmit() {
-            if let Err(e) = wr.write_all(&bytes).await {
-                return SessionEnd::Io(e.to_string());
+            // A gateway that stops reading must not freeze this loop (and its liveness timers).
+            match tokio::time::timeout(ctx.connect_timeout, wr.write_all(&bytes)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return SessionEnd::Io(e.to_string()),
+                Err(_) => {
+                    return SessionEnd::Io(format!(
+                        "gateway stopped reading for {:?}",
+                        ctx.connect_timeout
+                    ))
+                }
             }
         }
         while let Some(ev) = ctrl.poll_event() {

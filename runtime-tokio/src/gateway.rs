@@ -474,19 +474,28 @@ async fn control_conn(shared: Arc<Shared>, stream: MaybeTls, peer: SocketAddr, e
     debug!(conn = conn.0, %peer, "control connection opened");
     let (mut rd, mut wr) = tokio::io::split(stream);
     let (closed_tx, mut closed_rx) = oneshot::channel::<()>();
+    // A peer that stops reading (frozen, black-holed) must not pin this task and its socket:
+    // every write gets a deadline, after which the connection is given up.
+    let stall = shared.handshake_timeout.max(Duration::from_secs(10));
     let writer = tokio::spawn(async move {
         while let Some(cmd) = rx.recv().await {
             match cmd {
                 CtrlCmd::Write(b) => {
-                    if wr.write_all(&b).await.is_err() {
+                    if !matches!(
+                        tokio::time::timeout(stall, wr.write_all(&b)).await,
+                        Ok(Ok(()))
+                    ) {
                         break;
                     }
                 }
                 CtrlCmd::Close => break,
             }
         }
-        let _ = wr.flush().await;
-        let _ = wr.shutdown().await;
+        let _ = tokio::time::timeout(stall, async {
+            let _ = wr.flush().await;
+            let _ = wr.shutdown().await;
+        })
+        .await;
         let _ = closed_tx.send(());
     });
     let mut buf = vec![0u8; 4096];
