@@ -1,0 +1,1025 @@
+//! End-to-end benchmark harness: direct vs dialback vs rathole 0.5.0 (tcp) on loopback.
+//!
+//! `cargo run --release -p dialback-bench --bin e2e -- [--smoke] [--out bench/RESULTS.md]`
+//!
+//! Every child process is held by a guard that kills it on drop (also on panic), and every
+//! wait is bounded.
+
+use std::fmt::Write as _;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const PAYLOAD: [u8; 16] = *b"dialback-bench16";
+
+fn progress(msg: &str) {
+    eprintln!("[e2e {:>7.1}s] {msg}", start_time().elapsed().as_secs_f64());
+}
+
+fn start_time() -> Instant {
+    static T: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *T.get_or_init(Instant::now)
+}
+
+/// Kills and reaps the child when dropped.
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+impl Proc {
+    fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Result<Proc, String> {
+        let out = std::fs::File::create(log).map_err(|e| format!("{name}: log: {e}"))?;
+        let err = out.try_clone().map_err(|e| e.to_string())?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("{name}: spawn: {e}"))?;
+        Ok(Proc {
+            name: name.to_string(),
+            child,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!(
+            "warning: {} (pid {}) not reaped",
+            self.name,
+            self.child.id()
+        );
+    }
+}
+
+/// Runs a command to completion with a deadline; returns (status ok, stdout).
+fn run_bounded(cmd: &mut Command, limit: Duration) -> Result<(bool, String), String> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("spawn: {e}"))?;
+    let mut stdout = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut s);
+        s
+    });
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                let out = reader.join().unwrap_or_default();
+                return Ok((status.success(), out));
+            }
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let _ = reader.join();
+                return Err(format!("timed out after {limit:?}"));
+            }
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn rss_kb(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn first_line(cmd: &mut Command) -> String {
+    match run_bounded(cmd, Duration::from_secs(10)) {
+        Ok((_, out)) => out.lines().next().unwrap_or("").trim().to_string(),
+        Err(e) => format!("unknown ({e})"),
+    }
+}
+
+/// `rathole --version` prints "rathole" and then "Build Version:       0.5.0" on another line.
+fn rathole_version(bin: &Path) -> String {
+    match run_bounded(Command::new(bin).arg("--version"), Duration::from_secs(10)) {
+        Ok((_, out)) => out
+            .lines()
+            .find_map(|l| l.strip_prefix("Build Version:"))
+            .map(|v| format!("rathole {} ({})", v.trim(), bin.display()))
+            .unwrap_or_else(|| format!("rathole ({})", bin.display())),
+        Err(e) => format!("rathole: unknown version ({e})"),
+    }
+}
+
+// ---------------------------------------------------------------- echo server + load generator
+
+async fn echo_server(listener: TcpListener) {
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if s.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// One round trip: connect, send 16 bytes, read 16 bytes back. Returns the open stream.
+async fn round_trip(target: SocketAddr) -> Result<TcpStream, String> {
+    let op = async {
+        let mut s = TcpStream::connect(target)
+            .await
+            .map_err(|e| e.to_string())?;
+        s.set_nodelay(true).map_err(|e| e.to_string())?;
+        s.write_all(&PAYLOAD).await.map_err(|e| e.to_string())?;
+        let mut back = [0u8; 16];
+        s.read_exact(&mut back).await.map_err(|e| e.to_string())?;
+        if back != PAYLOAD {
+            return Err("echo mismatch".to_string());
+        }
+        Ok(s)
+    };
+    tokio::time::timeout(Duration::from_secs(3), op)
+        .await
+        .map_err(|_| "round trip timed out".to_string())?
+}
+
+#[derive(Clone, Default)]
+struct ConnStats {
+    ok: u64,
+    errors: u64,
+    per_sec: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+async fn conn_load(target: SocketAddr, concurrency: usize, dur: Duration, max: u64) -> ConnStats {
+    let issued = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let deadline = start + dur;
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let issued = issued.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0u64;
+            while Instant::now() < deadline && issued.fetch_add(1, Ordering::Relaxed) < max {
+                let t0 = Instant::now();
+                match round_trip(target).await {
+                    Ok(s) => {
+                        lat.push(t0.elapsed());
+                        drop(s);
+                    }
+                    Err(_) => errors += 1,
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        if let Ok((l, e)) = t.await {
+            lat.extend(l);
+            errors += e;
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    lat.sort();
+    let pct = |p: f64| -> f64 {
+        if lat.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1;
+        lat[i].as_secs_f64() * 1e6
+    };
+    ConnStats {
+        ok: lat.len() as u64,
+        errors,
+        per_sec: lat.len() as f64 / elapsed,
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+    }
+}
+
+async fn open_idle(target: SocketAddr, n: usize) -> (Vec<TcpStream>, usize) {
+    let mut held = Vec::with_capacity(n);
+    let mut failed = 0;
+    let mut remaining = n;
+    while remaining > 0 {
+        let batch = remaining.min(50);
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..batch {
+            set.spawn(round_trip(target));
+        }
+        while let Some(r) = set.join_next().await {
+            match r {
+                Ok(Ok(s)) => held.push(s),
+                _ => failed += 1,
+            }
+        }
+        remaining -= batch;
+    }
+    (held, failed)
+}
+
+async fn wait_ready(target: SocketAddr, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if round_trip(target).await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+// ---------------------------------------------------------------- iperf3
+
+fn iperf(port: u16, streams: u32, secs: u32) -> Result<f64, String> {
+    let mut last = String::new();
+    for _attempt in 0..3 {
+        let mut cmd = Command::new("iperf3");
+        cmd.args(["-c", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-t", &secs.to_string(), "-P", &streams.to_string()])
+            .args(["-J", "--connect-timeout", "3000"]);
+        match run_bounded(&mut cmd, Duration::from_secs(secs as u64 + 20)) {
+            Ok((_, out)) => {
+                let v: serde_json::Value = match serde_json::from_str(&out) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        last = format!("bad JSON: {e}");
+                        continue;
+                    }
+                };
+                if let Some(bps) = v["end"]["sum_received"]["bits_per_second"].as_f64() {
+                    return Ok(bps);
+                }
+                last = v["error"].as_str().unwrap_or("no sum_received").to_string();
+            }
+            Err(e) => last = e,
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    Err(last)
+}
+
+// ---------------------------------------------------------------- systems
+
+struct Running {
+    echo: SocketAddr,
+    iperf: u16,
+    /// (role, process) pairs whose RSS is reported; empty for `direct`.
+    procs: Vec<(String, Proc)>,
+}
+
+fn start_dialback(
+    bin: &Path,
+    dir: &Path,
+    echo: u16,
+    iperf: u16,
+    cmds: &mut Vec<String>,
+) -> Result<Running, String> {
+    let dir = dir.join("dialback");
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let (ctl, pub_echo, pub_iperf) = (free_port(), free_port(), free_port());
+    let gw = format!(
+        "listen = \"127.0.0.1:{ctl}\"\nstate_dir = \"{}\"\n\n\
+         [services.echo]\npassword = \"bench-echo-password\"\ntcp_listen = \"127.0.0.1:{pub_echo}\"\n\n\
+         [services.iperf]\npassword = \"bench-iperf-password\"\ntcp_listen = \"127.0.0.1:{pub_iperf}\"\n",
+        dir.join("state").display()
+    );
+    let gw_path = dir.join("gateway.toml");
+    std::fs::write(&gw_path, &gw).map_err(|e| e.to_string())?;
+    let mut fp_cmd = Command::new(bin);
+    fp_cmd.arg("fingerprint").arg("-c").arg(&gw_path);
+    let (ok, out) = run_bounded(&mut fp_cmd, Duration::from_secs(30))?;
+    let fp = out.trim().to_string();
+    if !ok || !fp.starts_with("sha256:") {
+        return Err(format!("fingerprint failed: {out}"));
+    }
+    let agent = format!(
+        "gateway = \"127.0.0.1:{ctl}\"\nfingerprint = \"{fp}\"\n\n\
+         [services.echo]\npassword = \"bench-echo-password\"\nlocal = \"127.0.0.1:{echo}\"\n\n\
+         [services.iperf]\npassword = \"bench-iperf-password\"\nlocal = \"127.0.0.1:{iperf}\"\n"
+    );
+    let agent_path = dir.join("agent.toml");
+    std::fs::write(&agent_path, &agent).map_err(|e| e.to_string())?;
+    cmds.push(format!("{} fingerprint -c gateway.toml", bin.display()));
+    cmds.push(format!(
+        "RUST_LOG=warn {} gateway -c gateway.toml",
+        bin.display()
+    ));
+    cmds.push(format!(
+        "RUST_LOG=warn {} agent -c agent.toml",
+        bin.display()
+    ));
+    cmds.push(format!("gateway.toml:\n{gw}"));
+    cmds.push(format!("agent.toml:\n{agent}"));
+    let g = Proc::spawn(
+        "dialback gateway",
+        Command::new(bin)
+            .env("RUST_LOG", "warn")
+            .args(["gateway", "-c"])
+            .arg(&gw_path),
+        &dir.join("gateway.log"),
+    )?;
+    let a = Proc::spawn(
+        "dialback agent",
+        Command::new(bin)
+            .env("RUST_LOG", "warn")
+            .args(["agent", "-c"])
+            .arg(&agent_path),
+        &dir.join("agent.log"),
+    )?;
+    Ok(Running {
+        echo: addr(pub_echo),
+        iperf: pub_iperf,
+        procs: vec![("gateway".into(), g), ("agent".into(), a)],
+    })
+}
+
+fn start_rathole(
+    bin: &Path,
+    dir: &Path,
+    echo: u16,
+    iperf: u16,
+    cmds: &mut Vec<String>,
+) -> Result<Running, String> {
+    let dir = dir.join("rathole");
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let (ctl, pub_echo, pub_iperf) = (free_port(), free_port(), free_port());
+    let server = format!(
+        "[server]\nbind_addr = \"127.0.0.1:{ctl}\"\n\n\
+         [server.services.echo]\ntoken = \"bench-echo-token\"\nbind_addr = \"127.0.0.1:{pub_echo}\"\n\n\
+         [server.services.iperf]\ntoken = \"bench-iperf-token\"\nbind_addr = \"127.0.0.1:{pub_iperf}\"\n"
+    );
+    let client = format!(
+        "[client]\nremote_addr = \"127.0.0.1:{ctl}\"\n\n\
+         [client.services.echo]\ntoken = \"bench-echo-token\"\nlocal_addr = \"127.0.0.1:{echo}\"\n\n\
+         [client.services.iperf]\ntoken = \"bench-iperf-token\"\nlocal_addr = \"127.0.0.1:{iperf}\"\n"
+    );
+    let (sp, cp) = (dir.join("server.toml"), dir.join("client.toml"));
+    std::fs::write(&sp, &server).map_err(|e| e.to_string())?;
+    std::fs::write(&cp, &client).map_err(|e| e.to_string())?;
+    cmds.push(format!(
+        "RUST_LOG=warn {} --server server.toml",
+        bin.display()
+    ));
+    cmds.push(format!(
+        "RUST_LOG=warn {} --client client.toml",
+        bin.display()
+    ));
+    cmds.push(format!("server.toml:\n{server}"));
+    cmds.push(format!("client.toml:\n{client}"));
+    let s = Proc::spawn(
+        "rathole server",
+        Command::new(bin)
+            .env("RUST_LOG", "warn")
+            .arg("--server")
+            .arg(&sp),
+        &dir.join("server.log"),
+    )?;
+    let c = Proc::spawn(
+        "rathole client",
+        Command::new(bin)
+            .env("RUST_LOG", "warn")
+            .arg("--client")
+            .arg(&cp),
+        &dir.join("client.log"),
+    )?;
+    Ok(Running {
+        echo: addr(pub_echo),
+        iperf: pub_iperf,
+        procs: vec![("server".into(), s), ("client".into(), c)],
+    })
+}
+
+// ---------------------------------------------------------------- measuring
+
+/// (role, idle kB, holding kB, after kB)
+type RssRow = (String, Option<u64>, Option<u64>, Option<u64>);
+
+#[derive(Default)]
+struct Results {
+    available: bool,
+    note: String,
+    tput1: Option<f64>,
+    tput4: Option<f64>,
+    c1: Option<ConnStats>,
+    c32: Option<ConnStats>,
+    rss: Vec<RssRow>,
+    held: usize,
+}
+
+struct Plan {
+    iperf_secs: u32,
+    conn_dur: Duration,
+    conn_max: u64,
+    idle_conns: usize,
+}
+
+async fn measure(name: &str, mut sys: Running, plan: &Plan) -> Results {
+    let mut r = Results {
+        available: true,
+        ..Default::default()
+    };
+    progress(&format!("{name}: waiting until the echo service answers"));
+    if !wait_ready(sys.echo, Duration::from_secs(20)).await {
+        r.available = false;
+        r.note = "did not become ready within 20 s".into();
+        return r;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let idle: Vec<Option<u64>> = sys.procs.iter().map(|(_, p)| rss_kb(p.pid())).collect();
+
+    for (streams, slot) in [(1u32, &mut r.tput1), (4, &mut r.tput4)] {
+        progress(&format!(
+            "{name}: iperf3 {streams} stream(s), {} s",
+            plan.iperf_secs
+        ));
+        let port = sys.iperf;
+        let secs = plan.iperf_secs;
+        match tokio::task::spawn_blocking(move || iperf(port, streams, secs)).await {
+            Ok(Ok(bps)) => *slot = Some(bps),
+            Ok(Err(e)) => progress(&format!("{name}: iperf3 failed: {e}")),
+            Err(e) => progress(&format!("{name}: iperf3 task failed: {e}")),
+        }
+    }
+    for (conc, slot) in [(1usize, &mut r.c1), (32, &mut r.c32)] {
+        progress(&format!(
+            "{name}: new connections, concurrency {conc}, {:?}",
+            plan.conn_dur
+        ));
+        let s = conn_load(sys.echo, conc, plan.conn_dur, plan.conn_max).await;
+        progress(&format!(
+            "{name}:   {} ok, {} errors, {:.0}/s, p50 {:.0} µs, p99 {:.0} µs",
+            s.ok, s.errors, s.per_sec, s.p50_us, s.p99_us
+        ));
+        *slot = Some(s);
+    }
+    progress(&format!(
+        "{name}: holding {} idle connections",
+        plan.idle_conns
+    ));
+    let (held, failed) = open_idle(sys.echo, plan.idle_conns).await;
+    r.held = held.len();
+    if failed > 0 {
+        progress(&format!("{name}:   {failed} idle connections failed"));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let holding: Vec<Option<u64>> = sys.procs.iter().map(|(_, p)| rss_kb(p.pid())).collect();
+    drop(held);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after: Vec<Option<u64>> = sys.procs.iter().map(|(_, p)| rss_kb(p.pid())).collect();
+    for (i, (role, p)) in sys.procs.iter_mut().enumerate() {
+        if !p.alive() {
+            r.note.push_str(&format!("{role} exited during the run; "));
+        }
+        r.rss.push((role.clone(), idle[i], holding[i], after[i]));
+    }
+    progress(&format!("{name}: done; stopping its processes"));
+    drop(sys);
+    r
+}
+
+// ---------------------------------------------------------------- reporting
+
+fn gbps(v: Option<f64>) -> String {
+    v.map_or("–".into(), |b| format!("{:.2} Gbit/s", b / 1e9))
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 && a.is_finite() && b.is_finite() => Some(a / b),
+        _ => None,
+    }
+}
+
+fn fmt_ratio(v: Option<f64>) -> String {
+    v.map_or("–".into(), |x| format!("{x:.2}x"))
+}
+
+fn mb(v: Option<u64>) -> String {
+    v.map_or("–".into(), |k| format!("{:.1} MB", k as f64 / 1024.0))
+}
+
+type Row = (String, [String; 3], Option<f64>, Option<f64>);
+
+fn table(d: &Results, db: &Results, rh: &Results) -> (String, Vec<Row>) {
+    let mut rows: Vec<Row> = Vec::new();
+    let sys = [d, db, rh];
+    let mut num =
+        |label: &str, f: &dyn Fn(&Results) -> Option<f64>, show: &dyn Fn(f64) -> String| {
+            let vals: Vec<Option<f64>> = sys
+                .iter()
+                .map(|r| if r.available { f(r) } else { None })
+                .collect();
+            let cells = [0, 1, 2].map(|i| vals[i].map_or("–".into(), show));
+            rows.push((
+                label.to_string(),
+                cells,
+                ratio(vals[1], vals[0]),
+                ratio(vals[1], vals[2]),
+            ));
+        };
+    let g = |b: f64| gbps(Some(b));
+    let per = |v: f64| format!("{v:.0}/s");
+    let us = |v: f64| format!("{v:.0} µs");
+    num("iperf3 1 stream", &|r| r.tput1, &g);
+    num("iperf3 4 streams", &|r| r.tput4, &g);
+    num(
+        "conn/s, concurrency 1",
+        &|r| r.c1.as_ref().map(|s| s.per_sec),
+        &per,
+    );
+    num(
+        "p50, concurrency 1",
+        &|r| r.c1.as_ref().map(|s| s.p50_us),
+        &us,
+    );
+    num(
+        "p99, concurrency 1",
+        &|r| r.c1.as_ref().map(|s| s.p99_us),
+        &us,
+    );
+    num(
+        "conn/s, concurrency 32",
+        &|r| r.c32.as_ref().map(|s| s.per_sec),
+        &per,
+    );
+    num(
+        "p50, concurrency 32",
+        &|r| r.c32.as_ref().map(|s| s.p50_us),
+        &us,
+    );
+    num(
+        "p99, concurrency 32",
+        &|r| r.c32.as_ref().map(|s| s.p99_us),
+        &us,
+    );
+    let m = |k: f64| mb(Some(k as u64));
+    for (idx, side) in [
+        (0usize, "gateway (rathole server)"),
+        (1, "agent (rathole client)"),
+    ] {
+        for (what, pick) in [
+            ("RSS idle", 1usize),
+            ("RSS holding idle conns", 2),
+            ("RSS after closing", 3),
+        ] {
+            num(
+                &format!("{what}, {side}"),
+                &|r| {
+                    r.rss
+                        .get(idx)
+                        .and_then(|x| match pick {
+                            1 => x.1,
+                            2 => x.2,
+                            _ => x.3,
+                        })
+                        .map(|k| k as f64)
+                },
+                &m,
+            );
+        }
+    }
+    num(
+        "connections held end to end",
+        &|r| {
+            if r.rss.is_empty() && r.held == 0 {
+                None
+            } else {
+                Some(r.held as f64)
+            }
+        },
+        &|v| format!("{v:.0}"),
+    );
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| metric | direct | dialback | rathole tcp | dialback / direct | dialback / rathole |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
+    for (label, cells, rd, rr) in &rows {
+        let _ = writeln!(
+            out,
+            "| {label} | {} | {} | {} | {} | {} |",
+            cells[0],
+            cells[1],
+            cells[2],
+            fmt_ratio(*rd),
+            fmt_ratio(*rr)
+        );
+    }
+    (out, rows)
+}
+
+fn targets(rows: &[Row], db: &Results) -> String {
+    let find = |l: &str| rows.iter().find(|r| r.0 == l);
+    let mut out = String::new();
+    let _ = writeln!(out, "| target (DESIGN.md \"Targets\") | this run |");
+    let _ = writeln!(out, "|---|---|");
+    let mut line = |target: &str, verdict: String| {
+        let _ = writeln!(out, "| {target} | {verdict} |");
+    };
+    let judge = |v: Option<f64>, ok: &dyn Fn(f64) -> bool| match v {
+        None => "not measured".to_string(),
+        Some(x) => format!("{} ({x:.2}x)", if ok(x) { "met" } else { "not met" }),
+    };
+    for l in ["iperf3 1 stream", "iperf3 4 streams"] {
+        line(
+            &format!("throughput, plain data channel ≥1.5x rathole tcp ({l})"),
+            judge(find(l).and_then(|r| r.3), &|x| x >= 1.5),
+        );
+    }
+    line(
+        "throughput aim 2x rathole tcp (iperf3 1 stream)",
+        judge(find("iperf3 1 stream").and_then(|r| r.3), &|x| x >= 2.0),
+    );
+    for l in ["conn/s, concurrency 1", "conn/s, concurrency 32"] {
+        line(
+            &format!("new connections/s ≥2x rathole ({l})"),
+            judge(find(l).and_then(|r| r.3), &|x| x >= 2.0),
+        );
+    }
+    line(
+        "connect-to-first-byte p50 ≤1.5x direct (concurrency 1; DESIGN says \"pooled\", \
+         this harness does not pre-warm a pool)",
+        judge(find("p50, concurrency 1").and_then(|r| r.2), &|x| x <= 1.5),
+    );
+    for (i, side) in ["gateway", "agent"].iter().enumerate() {
+        let rss = db.rss.get(i);
+        let j = |v: Option<u64>, lim: f64| match v {
+            None => "not measured".to_string(),
+            Some(k) => {
+                let m = k as f64 / 1024.0;
+                format!("{} ({m:.1} MB)", if m <= lim { "met" } else { "not met" })
+            }
+        };
+        line(
+            &format!("memory ≤4 MB idle, dialback {side}"),
+            j(rss.and_then(|x| x.1), 4.0),
+        );
+        line(
+            &format!(
+                "memory ≤12 MB holding 1000 connections, dialback {side} ({} held)",
+                db.held
+            ),
+            j(rss.and_then(|x| x.2), 12.0),
+        );
+    }
+    for t in [
+        "TLS data channel ≥1.5x rathole noise",
+        "HTTP through /~~name, raw TCP ≥1.3x rathole, p99 ≤1.5x direct",
+        "io_uring runtime never slower than tokio",
+        "10,000 concurrent tunneled connections",
+        "no allocation per relayed byte",
+    ] {
+        line(t, "not measured by this harness".into());
+    }
+    out
+}
+
+// ---------------------------------------------------------------- main
+
+fn find_rathole() -> Option<PathBuf> {
+    let mut cands: Vec<PathBuf> = Vec::new();
+    if let Some(h) = std::env::var_os("CARGO_HOME") {
+        cands.push(PathBuf::from(h).join("bin/rathole"));
+    }
+    if let Some(h) = std::env::var_os("HOME") {
+        cands.push(PathBuf::from(h).join(".cargo/bin/rathole"));
+    }
+    if let Some(p) = std::env::var_os("PATH") {
+        cands.extend(std::env::split_paths(&p).map(|d| d.join("rathole")));
+    }
+    cands.into_iter().find(|p| p.is_file())
+}
+
+fn install_rathole() -> Option<PathBuf> {
+    progress("rathole not found: `cargo install rathole --version 0.5.0` (limit 6 min)");
+    let mut cmd = Command::new("cargo");
+    cmd.args(["install", "rathole", "--version", "0.5.0"]);
+    match run_bounded(&mut cmd, Duration::from_secs(360)) {
+        Ok((true, _)) => find_rathole(),
+        Ok((false, _)) => {
+            progress("rathole install failed");
+            None
+        }
+        Err(e) => {
+            progress(&format!("rathole install: {e}"));
+            None
+        }
+    }
+}
+
+fn main() {
+    start_time();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut smoke = false;
+    let mut out_path = PathBuf::from("bench/RESULTS.md");
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--smoke" => smoke = true,
+            "--out" => match it.next() {
+                Some(p) => out_path = PathBuf::from(p),
+                None => {
+                    eprintln!("--out needs a path");
+                    std::process::exit(2);
+                }
+            },
+            "-h" | "--help" => {
+                println!("usage: e2e [--smoke] [--out bench/RESULTS.md]");
+                return;
+            }
+            other => {
+                eprintln!("unknown argument {other}; usage: e2e [--smoke] [--out FILE]");
+                std::process::exit(2);
+            }
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let code = rt.block_on(run(smoke, &out_path));
+    rt.shutdown_timeout(Duration::from_secs(2));
+    std::process::exit(code);
+}
+
+async fn run(smoke: bool, out_path: &Path) -> i32 {
+    let plan = if smoke {
+        Plan {
+            iperf_secs: 1,
+            conn_dur: Duration::from_millis(300),
+            conn_max: 2000,
+            idle_conns: 100,
+        }
+    } else {
+        Plan {
+            iperf_secs: 5,
+            conn_dur: Duration::from_secs(3),
+            conn_max: 50_000,
+            idle_conns: 1000,
+        }
+    };
+    let root = std::env::var("CARGO_MANIFEST_DIR")
+        .map(|d| PathBuf::from(d).join(".."))
+        .unwrap_or_else(|_| PathBuf::from("."));
+    let dir = std::env::temp_dir().join(format!("dialback-e2e-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let mut cmds: Vec<String> = Vec::new();
+
+    progress("building dialback: cargo build --release -p dialback");
+    let mut build = Command::new("cargo");
+    build
+        .args(["build", "--release", "-p", "dialback"])
+        .current_dir(&root);
+    match run_bounded(&mut build, Duration::from_secs(900)) {
+        Ok((true, _)) => {}
+        Ok((false, _)) | Err(_) => {
+            eprintln!("cargo build --release failed");
+            return 1;
+        }
+    }
+    cmds.push("cargo build --release -p dialback".into());
+    let dialback_bin = root.join("target/release/dialback");
+
+    let rathole = match find_rathole() {
+        Some(p) => Some(p),
+        None if smoke => {
+            progress("rathole not installed: skipped in --smoke");
+            None
+        }
+        None => install_rathole(),
+    };
+    cmds.push("cargo install rathole --version 0.5.0   # without --locked".into());
+
+    let versions = vec![
+        first_line(Command::new(&dialback_bin).arg("--version")),
+        rathole
+            .as_ref()
+            .map(|p| rathole_version(p))
+            .unwrap_or_else(|| "rathole: unavailable".into()),
+        first_line(Command::new("iperf3").arg("--version")),
+        first_line(Command::new("rustc").arg("--version")),
+    ];
+
+    // Private services: one echo server (in this process) and one iperf3 server.
+    let echo_listener = match TcpListener::bind("127.0.0.1:0").await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("bind echo: {e}");
+            return 1;
+        }
+    };
+    let echo_port = echo_listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    let echo_task = tokio::spawn(echo_server(echo_listener));
+    let iperf_port = free_port();
+    let iperf_srv = match Proc::spawn(
+        "iperf3 server",
+        Command::new("iperf3").args(["-s", "-B", "127.0.0.1", "-p", &iperf_port.to_string()]),
+        &dir.join("iperf3-server.log"),
+    ) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{e}");
+            return 1;
+        }
+    };
+    cmds.push(format!("iperf3 -s -B 127.0.0.1 -p {iperf_port}"));
+    cmds.push(format!(
+        "iperf3 -c 127.0.0.1 -p <port> -t {} -P <1|4> -J --connect-timeout 3000",
+        plan.iperf_secs
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let direct = measure(
+        "direct",
+        Running {
+            echo: addr(echo_port),
+            iperf: iperf_port,
+            procs: Vec::new(),
+        },
+        &plan,
+    )
+    .await;
+
+    progress("dialback: starting gateway and agent");
+    let db = match start_dialback(&dialback_bin, &dir, echo_port, iperf_port, &mut cmds) {
+        Ok(sys) => measure("dialback", sys, &plan).await,
+        Err(e) => Results {
+            note: e,
+            ..Default::default()
+        },
+    };
+
+    let rh = match &rathole {
+        Some(bin) => {
+            progress("rathole: starting server and client");
+            match start_rathole(bin, &dir, echo_port, iperf_port, &mut cmds) {
+                Ok(sys) => measure("rathole", sys, &plan).await,
+                Err(e) => Results {
+                    note: e,
+                    ..Default::default()
+                },
+            }
+        }
+        None => Results {
+            note: "rathole 0.5.0 unavailable (not installed / install failed)".into(),
+            ..Default::default()
+        },
+    };
+    drop(iperf_srv);
+    echo_task.abort();
+
+    let (tbl, rows) = table(&direct, &db, &rh);
+    let tgt = targets(&rows, &db);
+    println!("{tbl}");
+    println!("{tgt}");
+    for (n, r) in [("direct", &direct), ("dialback", &db), ("rathole", &rh)] {
+        if !r.available || !r.note.is_empty() {
+            println!(
+                "{n}: {}",
+                if r.note.is_empty() {
+                    "unavailable"
+                } else {
+                    &r.note
+                }
+            );
+        }
+    }
+
+    let machine = format!(
+        "- nproc: {}\n- kernel: {}\n- date: {}\n- load average at the end: {}",
+        first_line(&mut Command::new("nproc")),
+        first_line(Command::new("uname").arg("-srm")),
+        first_line(Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "# End-to-end benchmark results{}\n",
+        if smoke {
+            " (SMOKE RUN: not a measurement)"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(
+        md,
+        "Generated by `cargo run --release -p dialback-bench --bin e2e --{}`; \
+         all systems measured in one run on 127.0.0.1. Other work may have been running on \
+         the machine at the same time (see the load average), so treat single figures with \
+         care; the ratios come from the same run.\n",
+        if smoke { " --smoke" } else { "" }
+    );
+    let _ = writeln!(md, "## Machine\n\n{machine}\n");
+    let _ = writeln!(md, "## Versions\n");
+    for v in &versions {
+        let _ = writeln!(md, "- {v}");
+    }
+    let _ = writeln!(
+        md,
+        "\n## Method\n\n\
+         - throughput: iperf3 server on 127.0.0.1 as the private service; the client goes \
+         direct or through the public port; {} s per run, 1 and 4 streams; receiver bits/s \
+         from `-J`.\n\
+         - new connections: the harness's tokio load generator (connect, send 16 bytes, read \
+         the 16-byte echo, close) against an in-process echo server; concurrency 1 and 32, \
+         {:?} or {} connections each, whichever ends first; latency is connect start to the \
+         echoed bytes.\n\
+         - memory: VmRSS from /proc/PID/status at idle (after one round trip), while holding \
+         {} idle connections (each with one completed round trip), and 1 s after closing \
+         them.\n\
+         - dialback uses the plain (non-TLS) data channel (`data_tls = false`), RUST_LOG=warn; \
+         rathole uses its tcp transport, RUST_LOG=warn.\n",
+        plan.iperf_secs, plan.conn_dur, plan.conn_max, plan.idle_conns
+    );
+    let _ = writeln!(md, "## Results\n\n{tbl}");
+    for (n, r) in [("direct", &direct), ("dialback", &db), ("rathole", &rh)] {
+        if !r.available || !r.note.is_empty() {
+            let _ = writeln!(
+                md,
+                "- {n}: {}",
+                if r.note.is_empty() {
+                    "unavailable"
+                } else {
+                    &r.note
+                }
+            );
+        }
+        for (c, s) in [(1, &r.c1), (32, &r.c32)] {
+            if let Some(s) = s {
+                if s.errors > 0 {
+                    let _ = writeln!(
+                        md,
+                        "- {n}: {} failed connections at concurrency {c}",
+                        s.errors
+                    );
+                }
+            }
+        }
+    }
+    let _ = writeln!(md, "\n## Targets\n\n{tgt}");
+    let _ = writeln!(md, "## Exact commands\n\n```");
+    for c in &cmds {
+        let _ = writeln!(md, "{c}");
+    }
+    let _ = writeln!(md, "```");
+    if let Err(e) = std::fs::write(out_path, md) {
+        eprintln!("writing {}: {e}", out_path.display());
+        return 1;
+    }
+    progress(&format!("wrote {}", out_path.display()));
+    let _ = std::fs::remove_dir_all(&dir);
+    0
+}
