@@ -328,6 +328,20 @@ impl Exposition {
         self.out.push('\n');
     }
 
+    /// A family with one integer sample per service.
+    fn per_service<'a>(
+        &mut self,
+        name: &str,
+        kind: &str,
+        help: &str,
+        rows: impl Iterator<Item = (&'a str, u64)>,
+    ) {
+        self.family(name, kind, help);
+        for (service, v) in rows {
+            self.int(name, &[("service", service)], v);
+        }
+    }
+
     fn int(&mut self, name: &str, labels: &[(&str, &str)], v: u64) {
         self.sample(name, labels, &v.to_string());
     }
@@ -762,18 +776,12 @@ impl GatewayMetrics {
             }
         }
 
-        e.family(
+        e.per_service(
             "registrations_total",
             "counter",
             "Successful agent registrations.",
+            svcs.iter().map(|s| (s.name.as_str(), s.registrations())),
         );
-        for s in svcs {
-            e.int(
-                "registrations_total",
-                &[("service", &s.name)],
-                s.registrations(),
-            );
-        }
 
         e.family(
             "registration_rejections_total",
@@ -800,31 +808,21 @@ impl GatewayMetrics {
             e.int("handshake_drops_total", &[("reason", r)], n);
         }
 
-        e.family(
+        e.per_service(
             "connections_active",
             "gauge",
             "Public clients being relayed now.",
+            svcs.iter()
+                .map(|s| (s.name.as_str(), s.connections_active())),
         );
-        for s in svcs {
-            e.int(
-                "connections_active",
-                &[("service", &s.name)],
-                s.connections_active(),
-            );
-        }
 
-        e.family(
+        e.per_service(
             "connections_total",
             "counter",
             "Public clients paired with a data connection.",
+            svcs.iter()
+                .map(|s| (s.name.as_str(), s.connections_total())),
         );
-        for s in svcs {
-            e.int(
-                "connections_total",
-                &[("service", &s.name)],
-                s.connections_total(),
-            );
-        }
 
         e.family(
             "clients_refused_total",
@@ -892,18 +890,12 @@ impl GatewayMetrics {
             e.histogram("pairing_seconds", &[("service", &s.name)], &s.pairing());
         }
 
-        e.family(
+        e.per_service(
             "pool_connections",
             "gauge",
             "Idle data connections held in the pool; always 0, there is no pool yet.",
+            svcs.iter().map(|s| (s.name.as_str(), s.pool_connections())),
         );
-        for s in svcs {
-            e.int(
-                "pool_connections",
-                &[("service", &s.name)],
-                s.pool_connections(),
-            );
-        }
 
         e.out
     }
@@ -1125,18 +1117,12 @@ impl AgentMetrics {
             );
         }
 
-        e.family(
+        e.per_service(
             "registrations_total",
             "counter",
             "Successful registrations with the gateway.",
+            svcs.iter().map(|s| (s.name.as_str(), s.registrations())),
         );
-        for s in svcs {
-            e.int(
-                "registrations_total",
-                &[("service", &s.name)],
-                s.registrations(),
-            );
-        }
 
         e.family(
             "registration_failures_total",
@@ -1153,31 +1139,21 @@ impl AgentMetrics {
             }
         }
 
-        e.family(
+        e.per_service(
             "data_connections_total",
             "counter",
             "Data connections accepted by the gateway and relayed.",
+            svcs.iter()
+                .map(|s| (s.name.as_str(), s.data_connections_total())),
         );
-        for s in svcs {
-            e.int(
-                "data_connections_total",
-                &[("service", &s.name)],
-                s.data_connections_total(),
-            );
-        }
 
-        e.family(
+        e.per_service(
             "data_connections_active",
             "gauge",
             "Data connections being relayed now.",
+            svcs.iter()
+                .map(|s| (s.name.as_str(), s.data_connections_active())),
         );
-        for s in svcs {
-            e.int(
-                "data_connections_active",
-                &[("service", &s.name)],
-                s.data_connections_active(),
-            );
-        }
 
         e.family(
             "data_failures_total",
