@@ -143,12 +143,10 @@ pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && bool::from(a.ct_eq(b))
 }
 
+/// The wire's `str8` encoding of `s`, as the proofs hash it.
 fn str8(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let n = b.len().min(255);
-    let mut v = Vec::with_capacity(n + 1);
-    v.push(n as u8);
-    v.extend_from_slice(&b[..n]);
+    let mut v = Vec::with_capacity(s.len().min(255) + 1);
+    crate::wire::put_str8(&mut v, s);
     v
 }
 

@@ -321,7 +321,9 @@ fn clip(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-fn put_str8(out: &mut Vec<u8>, s: &str) {
+/// Appends `s` as a `str8` (length byte, then at most 255 bytes cut at a character boundary).
+/// The proofs hash names in this same encoding, so both must come from here.
+pub(crate) fn put_str8(out: &mut Vec<u8>, s: &str) {
     let s = clip(s, usize::from(u8::MAX));
     out.push(s.len() as u8);
     out.extend_from_slice(s.as_bytes());
