@@ -51,10 +51,10 @@ enum CtrlCmd {
 }
 
 /// A paired data connection handed to the waiting client task.
-struct DataConn {
-    stream: MaybeTls,
+pub(crate) struct DataConn {
+    pub(crate) stream: MaybeTls,
     /// Bytes the agent sent right behind its hello; they belong to the client.
-    early: Vec<u8>,
+    pub(crate) early: Vec<u8>,
 }
 
 /// A public client waiting for its data connection.
@@ -72,7 +72,7 @@ struct Inner {
     registered: HashMap<ConnId, String>,
 }
 
-struct Shared {
+pub(crate) struct Shared {
     inner: Mutex<Inner>,
     /// Wakes the timer task whenever the core may have a new earliest deadline.
     timer: Notify,
@@ -587,16 +587,34 @@ async fn client_accept_loop(shared: Arc<Shared>, service: String, listener: TcpL
     }
 }
 
-async fn client_conn(
-    shared: Arc<Shared>,
-    service: String,
-    mut client: TcpStream,
+/// Why a public client got no data connection.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum OpenError {
+    /// Refused before anything was asked of the agent (unknown service, agent offline,
+    /// overloaded).
+    #[error(transparent)]
+    Refused(#[from] ClientReject),
+    /// The core gave up on the client (token expired, agent reported a failure, session
+    /// ended); the reason was logged when it happened.
+    #[error("the agent did not provide a data connection")]
+    Failed,
+    /// No answer from the core within the safety-net timeout.
+    #[error("no data connection within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Asks the core for a data connection to `service` on behalf of a public client and waits for
+/// it: a pooled one at once, or one the agent dials back for this client. Counts and logs every
+/// failure.
+pub(crate) async fn open_data(
+    shared: &Arc<Shared>,
+    service: &str,
     peer: SocketAddr,
-) {
+    public: Option<SocketAddr>,
+) -> Result<DataConn, OpenError> {
     let id = ClientId(shared.next_id());
     let (tx, rx) = oneshot::channel();
-    let metrics = shared.metrics.clone();
-    let svc = metrics.service(&service);
+    let svc = shared.metrics.service(service);
     {
         let mut inner = shared.lock();
         let since = Instant::now();
@@ -604,17 +622,13 @@ async fn client_conn(
             id,
             Waiting {
                 tx,
-                service: service.clone(),
+                service: service.to_owned(),
                 since,
             },
         );
-        let r = inner.core.handle_client(
-            Instant::now(),
-            id,
-            &service,
-            Some(peer),
-            client.local_addr().ok(),
-        );
+        let r = inner
+            .core
+            .handle_client(Instant::now(), id, service, Some(peer), public);
         if let Err(e) = r {
             inner.clients.remove(&id);
             shared.drive(&mut inner);
@@ -627,15 +641,15 @@ async fn client_conn(
                 });
             }
             info!(%peer, %service, "client refused: {e}");
-            return;
+            return Err(e.into());
         }
         shared.drive(&mut inner);
     }
     // The core fails the client when its token expires; the outer timeout is a safety net.
     let guard = shared.token_ttl + Duration::from_secs(5);
-    let data = match tokio::time::timeout(guard, rx).await {
-        Ok(Ok(d)) => d,
-        Ok(Err(_)) => return, // failed by the core; the reason was logged there
+    match tokio::time::timeout(guard, rx).await {
+        Ok(Ok(d)) => Ok(d),
+        Ok(Err(_)) => Err(OpenError::Failed), // failed by the core; the reason was logged there
         Err(_) => {
             let mut inner = shared.lock();
             inner.core.handle_client_gone(Instant::now(), id);
@@ -645,11 +659,24 @@ async fn client_conn(
                 m.client_failed("timeout");
             }
             warn!(%peer, %service, "client dropped: no data connection within {guard:?}");
-            return;
+            Err(OpenError::Timeout(guard))
         }
+    }
+}
+
+async fn client_conn(
+    shared: Arc<Shared>,
+    service: String,
+    mut client: TcpStream,
+    peer: SocketAddr,
+) {
+    let Ok(data) = open_data(&shared, &service, peer, client.local_addr().ok()).await else {
+        return;
     };
     let DataConn { stream, early } = data;
-    let Some(svc) = svc else { return };
+    let Some(svc) = shared.metrics.service(&service) else {
+        return;
+    };
     let conn = svc.connection_opened();
     let (up, down) = (|n| conn.add_up(n), |n| conn.add_down(n));
     match crate::relay::relay(&mut client, stream, &early, &up, &down).await {
