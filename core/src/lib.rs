@@ -20,6 +20,7 @@ pub mod data;
 pub mod drbg;
 pub mod error;
 pub mod gateway;
+pub mod http;
 pub mod ntlm;
 pub mod timing;
 pub mod wire;
