@@ -8,6 +8,7 @@ mod check;
 mod common;
 mod duration;
 mod gateway;
+mod http;
 mod proxies;
 mod source;
 
@@ -188,3 +189,5 @@ fn load_any_str(
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_http;

@@ -93,6 +93,7 @@ async fn demo_async(opts: DemoOptions) -> anyhow::Result<()> {
             max_pending: DEFAULT_MAX_PENDING,
         }],
         admin_listen: Some(SocketAddr::from((loopback, 0))),
+        http: None,
     };
     let gw = BoundGateway::bind(gw_settings).await.context("cannot start the demo gateway (is another program using the port? try --gateway-port/--public-port)")?;
     let gw_addr = gw.listen_addr()?;

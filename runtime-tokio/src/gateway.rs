@@ -43,6 +43,8 @@ pub enum GatewayError {
     Timing(&'static str),
     #[error("cannot get randomness from the operating system: {0}")]
     Entropy(String),
+    #[error("[http]: {0}")]
+    Http(String),
 }
 
 enum CtrlCmd {
@@ -179,6 +181,7 @@ pub struct BoundGateway {
     listener: TcpListener,
     admin: Option<TcpListener>,
     services: Vec<(String, TcpListener)>,
+    http: Option<crate::http::BoundHttp>,
     fingerprint: [u8; 32],
 }
 
@@ -240,6 +243,17 @@ impl BoundGateway {
                 service_listeners.push((s.name.clone(), l));
             }
         }
+        let http = match &settings.http {
+            Some(h) => Some(
+                crate::http::bind(
+                    h,
+                    settings.timing.handshake_timeout,
+                    settings.timing.token_ttl,
+                )
+                .await?,
+            ),
+            None => None,
+        };
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
                 core,
@@ -259,6 +273,7 @@ impl BoundGateway {
             listener,
             admin,
             services: service_listeners,
+            http,
             fingerprint,
         })
     }
@@ -280,6 +295,11 @@ impl BoundGateway {
             .and_then(|(_, l)| l.local_addr().ok())
     }
 
+    /// The bound addresses of `[http]`'s `listen` and `tls_listen`.
+    pub fn http_addrs(&self) -> (Option<SocketAddr>, Option<SocketAddr>) {
+        self.http.as_ref().map(|h| h.addrs()).unwrap_or_default()
+    }
+
     pub fn fingerprint(&self) -> [u8; 32] {
         self.fingerprint
     }
@@ -297,6 +317,7 @@ impl BoundGateway {
             listener,
             admin,
             services,
+            http,
             ..
         } = self;
         info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening for agents");
@@ -311,6 +332,9 @@ impl BoundGateway {
         for (name, l) in services {
             info!(service = %name, addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening for clients");
             tasks.spawn(client_accept_loop(shared.clone(), name, l));
+        }
+        if let Some(h) = http {
+            h.spawn(&shared, shared.metrics.clone(), &mut tasks);
         }
         shutdown.await;
         info!("shutting down");

@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod agent;
 pub mod gateway;
+pub mod http;
 pub mod metrics;
 pub mod outbound;
 pub mod relay;

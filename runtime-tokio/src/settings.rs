@@ -37,7 +37,52 @@ pub struct GatewaySettings {
     pub services: Vec<GatewayService>,
     /// Serves `/metrics`, `/status` and the status page when set.
     pub admin_listen: Option<SocketAddr>,
+    /// The public HTTP(S) entry point routing `/~~name` to services, when set.
+    pub http: Option<HttpSettings>,
 }
+
+/// The `[http]` section: public HTTP and HTTPS ports that route requests to services by path
+/// prefix or host name.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    pub listen: Option<SocketAddr>,
+    pub tls_listen: Option<SocketAddr>,
+    /// Certificates for `tls_listen`, chosen by the name the client asks for (SNI); the
+    /// first one is served to clients whose name matches none.
+    pub certs: Vec<HttpCert>,
+    /// The services reachable over HTTP, with their prefix and host names.
+    pub routes: Vec<HttpRoute>,
+    /// A request head must be complete this long after its first byte (408 otherwise).
+    pub head_timeout: Duration,
+    /// A kept-alive connection with no new request for this long is closed.
+    pub idle_timeout: Duration,
+    /// A service must start its response this long after the request was sent (504).
+    pub response_timeout: Duration,
+    /// Largest request head in bytes (431 above).
+    pub max_head: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpCert {
+    /// Names (or `*.domain`) this certificate is chosen for; may be empty for the default.
+    pub names: Vec<String>,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpRoute {
+    pub service: String,
+    /// `/~~name` unless configured otherwise.
+    pub prefix: String,
+    /// Host names routed to this service whatever the path.
+    pub hosts: Vec<String>,
+}
+
+pub const DEFAULT_HTTP_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_HTTP_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_HTTP_MAX_HEAD: usize = 16 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct GatewayService {

@@ -331,7 +331,7 @@ pub fn export_keying_material<C>(conn: &ConnectionCommon<C>) -> Result<[u8; 32],
 }
 
 /// The ring provider, explicitly: see the module documentation.
-fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
@@ -376,7 +376,7 @@ fn read_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'sta
 
 /// Loads a PEM chain and key and checks that they belong together, so a mismatch is reported
 /// at start-up with both file names rather than as a failed handshake later.
-fn load_pair(cert: &Path, key: &Path) -> Result<GatewayIdentity, TlsError> {
+pub(crate) fn load_pair(cert: &Path, key: &Path) -> Result<GatewayIdentity, TlsError> {
     let certs = read_certs("certificate", cert)?;
     if certs.is_empty() {
         return Err(TlsError::NoCertificates {

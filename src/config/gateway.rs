@@ -33,6 +33,7 @@ struct RawGateway {
     token_ttl: Option<Spanned<RawDuration>>,
     handshake_timeout: Option<Spanned<RawDuration>>,
     admin_listen: Option<Spanned<String>>,
+    http: Option<Spanned<super::http::RawHttp>>,
     #[serde(default)]
     services: BTreeMap<Spanned<String>, RawService>,
 }
@@ -47,6 +48,9 @@ struct RawService {
     #[serde(default)]
     data_tls: bool,
     max_pending: Option<Spanned<i64>>,
+    http_prefix: Option<Spanned<String>>,
+    #[serde(default)]
+    hosts: Vec<Spanned<String>>,
 }
 
 pub fn parse(
@@ -107,7 +111,35 @@ pub fn check(src: &Source<'_>, env: EnvLookup<'_>) -> Result<Checked, ConfigErro
         .into_iter()
         .collect();
     taken.extend(admin_listen.map(|a| (a, "admin_listen".to_owned())));
-    let services = services(src, raw.services, taken, env, &mut problems, &mut warnings);
+    let mut http = raw
+        .http
+        .as_ref()
+        .and_then(|h| super::http::section(src, h, &mut taken, &mut problems, &mut warnings));
+    let http_enabled = raw.http.is_some() || src.dropped("http");
+    let routes = {
+        let raw_routes: Vec<_> = raw
+            .services
+            .iter()
+            .map(|(name, s)| super::http::RawServiceHttp {
+                name,
+                http_prefix: s.http_prefix.as_ref(),
+                hosts: &s.hosts,
+            })
+            .collect();
+        super::http::routes(src, &raw_routes, http_enabled, &mut problems)
+    };
+    if let Some(h) = &mut http {
+        h.routes = routes;
+    }
+    let services = services(
+        src,
+        raw.services,
+        taken,
+        http_enabled,
+        env,
+        &mut problems,
+        &mut warnings,
+    );
     let settings = match (listen, identity, timing) {
         (Some(listen), Some(identity), Some(timing)) if problems.is_empty() => {
             Some(GatewaySettings {
@@ -116,6 +148,7 @@ pub fn check(src: &Source<'_>, env: EnvLookup<'_>) -> Result<Checked, ConfigErro
                 timing,
                 services,
                 admin_listen,
+                http,
             })
         }
         _ => None,
@@ -271,6 +304,8 @@ fn services(
     raw: BTreeMap<Spanned<String>, RawService>,
     // Addresses the gateway binds besides the services', with the key that binds each.
     mut bound: Vec<(SocketAddr, String)>,
+    // Whether [http] exists: then tcp_listen is optional.
+    http_enabled: bool,
     env: EnvLookup<'_>,
     problems: &mut Vec<ConfigError>,
     warnings: &mut Vec<String>,
@@ -314,13 +349,13 @@ fn services(
         };
         let key = format!("{path}.tcp_listen");
         let tcp_listen = match service.tcp_listen {
-            None if src.dropped(&key) => None,
+            None if src.dropped(&key) || http_enabled => None,
             None => {
                 problems.push(src.error_at(
                     Some(name.span()),
                     path.as_str(),
                     format!(
-                        "service {} has no public entry: set tcp_listen",
+                        "service {} has no public entry: set tcp_listen, or add an [http] section",
                         name.get_ref()
                     ),
                 ));
@@ -369,12 +404,12 @@ fn services(
                 }
             },
         };
-        if let (Some(password), Some(tcp_listen)) = (password, tcp_listen) {
+        if let Some(password) = password.filter(|_| tcp_listen.is_some() || http_enabled) {
             if problems.len() == before {
                 services.push(GatewayService {
                     name: name.into_inner(),
                     password,
-                    tcp_listen: Some(tcp_listen),
+                    tcp_listen,
                     data_tls: service.data_tls,
                     max_pending,
                 });
@@ -393,7 +428,7 @@ fn src_dropped_under(src: &Source<'_>, path: &str, prefix: &str) -> bool {
 /// Whether binding both addresses would fail: same port, and the same IP or a wildcard that
 /// covers the other (an IPv6 wildcard covers IPv4 too on a dual-stack socket).
 /// Port 0 asks the kernel for a free port, so it never clashes.
-fn clash(a: SocketAddr, b: SocketAddr) -> bool {
+pub(super) fn clash(a: SocketAddr, b: SocketAddr) -> bool {
     if a.port() != b.port() || a.port() == 0 {
         return false;
     }

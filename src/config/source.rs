@@ -13,9 +13,8 @@ use super::ConfigError;
 /// Keys from the design that this version does not implement yet; an unknown-field error on
 /// one of them says so instead of looking like a typo.
 const PLANNED_KEYS: &[&str] = &[
-    "http",
     "allow_from",
-    "http_prefix",
+    "accept_proxy",
     "pool",
     "send_proxy",
     "upstreams",

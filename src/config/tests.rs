@@ -330,7 +330,7 @@ fn service_needs_a_public_entry() {
     let e = gw_err("\n[services.web]\npassword = \"correct horse battery\"\n");
     assert_eq!(
         e.to_string(),
-        "gateway.toml:2: services.web: service web has no public entry: set tcp_listen"
+        "gateway.toml:2: services.web: service web has no public entry: set tcp_listen, or add an [http] section"
     );
 }
 

@@ -1,0 +1,891 @@
+//! The public HTTP(S) entry point: accepts browsers and other HTTP clients on `[http]`'s
+//! ports, lets the core route each request to a service (`/~~name`, host, Referer, cookie),
+//! and carries it over a data connection to that service's agent.
+//!
+//! One client connection may carry many requests, to different services: each request is
+//! routed on its own, and the data connection of the previous one is kept while the next
+//! goes to the same service. A `101 Switching Protocols` ends HTTP on the connection; from
+//! then on both streams are relayed byte for byte (spliced when both are plain TCP).
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dialback_core::gateway::ClientReject;
+use dialback_core::http::body::{request_framing, response_framing, BodyState, Framing};
+use dialback_core::http::head::{parse_response, Headers, Limits, RequestHead, RequestReader};
+use dialback_core::http::rewrite::{request_head, response_head, Forwarding};
+use dialback_core::http::route::{Route, Router, ServiceRoute};
+use dialback_core::http::{error_response, HttpError};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use crate::gateway::{open_data, DataConn, GatewayError, OpenError, Shared};
+use crate::metrics::{ConnectionGuard, GatewayMetrics};
+use crate::settings::{HttpCert, HttpSettings};
+use crate::stream::MaybeTls;
+use crate::tls;
+
+/// Bytes read from a socket at a time.
+const READ_CHUNK: usize = 64 * 1024;
+/// Response heads from services may be larger than what clients may send (cookies, CSP).
+const RESPONSE_LIMITS: Limits = Limits {
+    max_head: 64 * 1024,
+    max_headers: 200,
+};
+
+/// What every HTTP connection shares.
+pub(crate) struct Front {
+    router: Router,
+    limits: Limits,
+    head_timeout: Duration,
+    idle_timeout: Duration,
+    response_timeout: Duration,
+    handshake_timeout: Duration,
+    /// A data connection that fails after this long failed for lack of time: 504, not 502.
+    token_ttl: Duration,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// The HTTP entry point with its listeners bound.
+pub(crate) struct BoundHttp {
+    front: Arc<Front>,
+    plain: Option<TcpListener>,
+    tls: Option<TcpListener>,
+}
+
+fn config_error(e: impl std::fmt::Display) -> GatewayError {
+    GatewayError::Http(e.to_string())
+}
+
+/// Checks the routes, loads the certificates and binds the ports of `[http]`.
+pub(crate) async fn bind(
+    settings: &HttpSettings,
+    handshake_timeout: Duration,
+    token_ttl: Duration,
+) -> Result<BoundHttp, GatewayError> {
+    let router = Router::new(
+        settings
+            .routes
+            .iter()
+            .map(|r| ServiceRoute {
+                name: r.service.clone(),
+                prefix: r.prefix.clone(),
+                hosts: r.hosts.clone(),
+            })
+            .collect(),
+    )
+    .map_err(config_error)?;
+    let tls = match settings.tls_listen {
+        Some(_) => Some(tokio_rustls::TlsAcceptor::from(server_config(
+            &settings.certs,
+        )?)),
+        None => None,
+    };
+    let plain = match settings.listen {
+        Some(addr) => Some(bind_one(addr, "[http] listen").await?),
+        None => None,
+    };
+    let tls_listener = match settings.tls_listen {
+        Some(addr) => Some(bind_one(addr, "[http] tls_listen").await?),
+        None => None,
+    };
+    Ok(BoundHttp {
+        front: Arc::new(Front {
+            router,
+            limits: Limits {
+                max_head: settings.max_head,
+                max_headers: 100,
+            },
+            head_timeout: settings.head_timeout,
+            idle_timeout: settings.idle_timeout,
+            response_timeout: settings.response_timeout,
+            handshake_timeout,
+            token_ttl,
+            tls,
+        }),
+        plain,
+        tls: tls_listener,
+    })
+}
+
+async fn bind_one(addr: SocketAddr, what: &str) -> Result<TcpListener, GatewayError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| GatewayError::Bind {
+            addr,
+            what: what.to_owned(),
+            source,
+        })
+}
+
+impl BoundHttp {
+    /// The bound addresses of `listen` and `tls_listen`.
+    pub(crate) fn addrs(&self) -> (Option<SocketAddr>, Option<SocketAddr>) {
+        let addr = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
+        (addr(&self.plain), addr(&self.tls))
+    }
+
+    /// Starts accepting on both ports.
+    pub(crate) fn spawn(
+        self,
+        shared: &Arc<Shared>,
+        metrics: Arc<GatewayMetrics>,
+        tasks: &mut JoinSet<()>,
+    ) {
+        let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        if let Some(l) = self.plain {
+            info!(addr = %addr(&l), "listening for HTTP clients");
+            tasks.spawn(accept_loop(
+                shared.clone(),
+                metrics.clone(),
+                self.front.clone(),
+                l,
+                false,
+            ));
+        }
+        if let Some(l) = self.tls {
+            info!(addr = %addr(&l), "listening for HTTPS clients");
+            tasks.spawn(accept_loop(
+                shared.clone(),
+                metrics.clone(),
+                self.front.clone(),
+                l,
+                true,
+            ));
+        }
+    }
+}
+
+/// Certificates chosen by SNI: an exact name first, then the most specific `*.domain`, then
+/// the first certificate.
+#[derive(Debug)]
+struct SniResolver {
+    certs: Vec<(Vec<String>, Arc<CertifiedKey>)>,
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let name = hello.server_name().map(str::to_ascii_lowercase);
+        let chosen = name.as_deref().and_then(|name| {
+            let exact = self
+                .certs
+                .iter()
+                .find(|(names, _)| names.iter().any(|n| n == name));
+            exact
+                .or_else(|| {
+                    self.certs
+                        .iter()
+                        .flat_map(|c| c.0.iter().map(move |n| (c, n)))
+                        .filter_map(|(c, n)| {
+                            let suffix = n.strip_prefix("*.")?;
+                            let under = name.strip_suffix(suffix)?.strip_suffix('.')?;
+                            // A wildcard covers one label, as in certificates.
+                            (!under.is_empty() && !under.contains('.')).then_some((c, suffix.len()))
+                        })
+                        .max_by_key(|(_, len)| *len)
+                        .map(|(c, _)| c)
+                })
+                .map(|(_, k)| k.clone())
+        });
+        chosen.or_else(|| self.certs.first().map(|(_, k)| k.clone()))
+    }
+}
+
+fn server_config(certs: &[HttpCert]) -> Result<Arc<rustls::ServerConfig>, GatewayError> {
+    if certs.is_empty() {
+        return Err(config_error(
+            "[http] tls_listen needs a certificate: set cert and key, or [[http.certs]]",
+        ));
+    }
+    let provider = tls::provider();
+    let mut loaded = Vec::new();
+    for c in certs {
+        let id = tls::load_pair(&c.cert, &c.key)?;
+        let key = CertifiedKey::from_der(id.certs, id.key, &provider).map_err(|e| {
+            config_error(format!(
+                "certificate {} with key {}: {e}",
+                c.cert.display(),
+                c.key.display()
+            ))
+        })?;
+        let names = c.names.iter().map(|n| n.to_ascii_lowercase()).collect();
+        loaded.push((names, Arc::new(key)));
+    }
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(config_error)?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(SniResolver { certs: loaded }));
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    metrics: Arc<GatewayMetrics>,
+    front: Arc<Front>,
+    listener: TcpListener,
+    https: bool,
+) {
+    loop {
+        match listener.accept().await {
+            Ok((tcp, peer)) => {
+                let _ = tcp.set_nodelay(true);
+                tokio::spawn(client(
+                    shared.clone(),
+                    metrics.clone(),
+                    front.clone(),
+                    tcp,
+                    peer,
+                    https,
+                ));
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning on a failing accept.
+                warn!("accept failed on the HTTP port: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn client(
+    shared: Arc<Shared>,
+    metrics: Arc<GatewayMetrics>,
+    front: Arc<Front>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    https: bool,
+) {
+    let public = tcp.local_addr().ok();
+    let stream = match (&front.tls, https) {
+        (Some(acceptor), true) => {
+            match tokio::time::timeout(front.handshake_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => MaybeTls::ServerTls(Box::new(s)),
+                Ok(Err(e)) => {
+                    info!(%peer, "HTTPS client dropped: TLS handshake failed: {e}");
+                    return;
+                }
+                Err(_) => {
+                    info!(%peer, "HTTPS client dropped: no TLS handshake within {:?}", front.handshake_timeout);
+                    return;
+                }
+            }
+        }
+        _ => MaybeTls::Plain(tcp),
+    };
+    let (rd, wr) = tokio::io::split(stream);
+    let conn = Conn {
+        shared,
+        metrics,
+        front,
+        peer,
+        public,
+        https,
+        rd,
+        wr,
+        buf: Vec::with_capacity(4096),
+        backend: None,
+    };
+    conn.serve().await;
+}
+
+/// A data connection to one service, kept between requests.
+struct Backend {
+    service: String,
+    rd: ReadHalf<MaybeTls>,
+    wr: WriteHalf<MaybeTls>,
+    /// Bytes received from the service and not yet passed on.
+    buf: Vec<u8>,
+    /// Whether a request was already served over it (it may have been closed meanwhile).
+    used: bool,
+    traffic: Option<ConnectionGuard>,
+}
+
+/// One client connection.
+struct Conn {
+    shared: Arc<Shared>,
+    metrics: Arc<GatewayMetrics>,
+    front: Arc<Front>,
+    peer: SocketAddr,
+    public: Option<SocketAddr>,
+    https: bool,
+    rd: ReadHalf<MaybeTls>,
+    wr: WriteHalf<MaybeTls>,
+    /// Bytes received from the client and not yet passed on (a partial head, pipelined
+    /// requests).
+    buf: Vec<u8>,
+    backend: Option<Backend>,
+}
+
+/// How an exchange ended.
+enum Exchanged {
+    /// Ready for the next request (or closed, if `close`).
+    Done { close: bool },
+    /// `101`: relay the rest as bytes.
+    Upgraded,
+}
+
+/// Why a response could not be passed on.
+enum RespError {
+    /// The service closed before sending anything: a kept connection that went stale.
+    Nothing,
+    /// Anything else; `sent` says whether part of the response already reached the client.
+    Failed {
+        status: u16,
+        why: String,
+        sent: bool,
+    },
+}
+
+/// Reads more bytes into `buf`; `Ok(0)` at EOF.
+async fn read_more<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut Vec<u8>) -> io::Result<usize> {
+    buf.reserve(READ_CHUNK);
+    rd.read_buf(buf).await
+}
+
+impl Conn {
+    async fn serve(mut self) {
+        let mut first = true;
+        loop {
+            let head = match self.read_head(first).await {
+                Some(h) => h,
+                None => return,
+            };
+            first = false;
+            match self.handle(head).await {
+                Some(Exchanged::Done { close: false }) => {}
+                Some(Exchanged::Done { close: true }) | None => {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), self.wr.shutdown()).await;
+                    return;
+                }
+                Some(Exchanged::Upgraded) => {
+                    self.upgrade().await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Answers on the gateway's behalf and closes.
+    async fn refuse(&mut self, status: u16, why: &str) {
+        info!(peer = %self.peer, status, "HTTP request refused: {why}");
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            let _ = self.wr.write_all(&error_response(status, why)).await;
+            let _ = self.wr.shutdown().await;
+        })
+        .await;
+    }
+
+    /// The next request head, or `None` when the connection is done (answered if needed).
+    async fn read_head(&mut self, first: bool) -> Option<RequestHead> {
+        let mut reader = RequestReader::new(self.front.limits, self.front.head_timeout);
+        if first {
+            // A new connection owes its first head from the start: a silent client is a
+            // slow one.
+            reader.start(Instant::now());
+        }
+        loop {
+            match reader.handle_input(Instant::now(), &self.buf) {
+                Ok(Some((head, len))) => {
+                    self.buf.drain(..len);
+                    return Some(head);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.refuse(e.status(), &e.to_string()).await;
+                    return None;
+                }
+            }
+            let deadline = reader
+                .poll_timeout()
+                .unwrap_or_else(|| Instant::now() + self.front.idle_timeout);
+            match tokio::time::timeout_at(deadline.into(), read_more(&mut self.rd, &mut self.buf))
+                .await
+            {
+                Ok(Ok(0)) => {
+                    if !self.buf.is_empty() {
+                        debug!(peer = %self.peer, "HTTP client closed in the middle of a request head");
+                    }
+                    return None;
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    debug!(peer = %self.peer, "HTTP client read failed: {e}");
+                    return None;
+                }
+                Err(_) if reader.started() => {
+                    let e = HttpError::Timeout;
+                    self.refuse(e.status(), &format!("{e} ({:?})", self.front.head_timeout))
+                        .await;
+                    return None;
+                }
+                Err(_) => {
+                    debug!(peer = %self.peer, "idle HTTP connection closed");
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Routes and carries one request and its response. `None`: the connection is over
+    /// (the client was answered if it could be).
+    async fn handle(&mut self, head: RequestHead) -> Option<Exchanged> {
+        let framing = match request_framing(&head) {
+            Ok(f) => f,
+            Err(e) => {
+                self.refuse(e.status(), &e.to_string()).await;
+                return None;
+            }
+        };
+        let route = match self.front.router.route(&head) {
+            Ok(r) => r,
+            Err(e) => {
+                self.refuse(e.status(), &e.to_string()).await;
+                return None;
+            }
+        };
+        if self
+            .backend
+            .as_ref()
+            .is_some_and(|b| b.service != route.service)
+        {
+            self.backend = None;
+        }
+        let fwd = Forwarding {
+            client: self.peer.ip(),
+            https: self.https,
+        };
+        let out = request_head(&head, &route, &fwd);
+        // A kept data connection may have been closed by the service meanwhile; a request
+        // without a body is then sent again on a fresh one.
+        for attempt in 0..2 {
+            if self.backend.is_none() {
+                self.backend = Some(self.open(&route.service).await?);
+            }
+            let result = self.exchange(&head, &route, framing, &out).await;
+            match result {
+                Ok(done) => {
+                    debug!(peer = %self.peer, service = %route.service, via = route.via.name(), method = %head.method, target = %head.target, "HTTP request relayed");
+                    return Some(done);
+                }
+                Err(RespError::Nothing)
+                    if attempt == 0 && framing == Framing::Empty && self.reused() =>
+                {
+                    debug!(peer = %self.peer, service = %route.service, "kept data connection was closed; retrying on a fresh one");
+                    self.backend = None;
+                }
+                Err(RespError::Nothing) => {
+                    self.backend = None;
+                    self.refuse(
+                        502,
+                        &format!(
+                            "service {} closed the connection without answering",
+                            route.service
+                        ),
+                    )
+                    .await;
+                    return None;
+                }
+                Err(RespError::Failed { status, why, sent }) => {
+                    self.backend = None;
+                    if sent {
+                        info!(peer = %self.peer, service = %route.service, "HTTP exchange cut short: {why}");
+                    } else {
+                        self.refuse(status, &why).await;
+                    }
+                    return None;
+                }
+            }
+        }
+        None
+    }
+
+    fn reused(&self) -> bool {
+        self.backend.as_ref().is_some_and(|b| b.used)
+    }
+
+    /// A fresh data connection to `service`, or the client is answered why not.
+    async fn open(&mut self, service: &str) -> Option<Backend> {
+        let started = Instant::now();
+        match open_data(&self.shared, service, self.peer, self.public).await {
+            Ok(DataConn { stream, early }) => {
+                let (rd, wr) = tokio::io::split(stream);
+                Some(Backend {
+                    service: service.to_owned(),
+                    rd,
+                    wr,
+                    buf: early,
+                    used: false,
+                    traffic: self.metrics.service(service).map(|m| m.connection_opened()),
+                })
+            }
+            Err(e) => {
+                let (status, why) = match &e {
+                    OpenError::Refused(ClientReject::UnknownService(_)) => {
+                        (404, format!("no service {service}"))
+                    }
+                    OpenError::Refused(ClientReject::AgentOffline(_)) => {
+                        (502, format!("the agent of service {service} is offline"))
+                    }
+                    OpenError::Refused(ClientReject::Overloaded { .. }) => {
+                        (503, format!("service {service} is overloaded: {e}"))
+                    }
+                    OpenError::Failed if started.elapsed() >= self.front.token_ttl => (
+                        504,
+                        format!(
+                            "no data connection from the agent of service {service} within {:?}",
+                            self.front.token_ttl
+                        ),
+                    ),
+                    OpenError::Failed => (
+                        502,
+                        format!("the agent of service {service} could not open a connection"),
+                    ),
+                    OpenError::Timeout(d) => (
+                        504,
+                        format!(
+                            "no data connection from the agent of service {service} within {d:?}"
+                        ),
+                    ),
+                };
+                self.refuse(status, &why).await;
+                None
+            }
+        }
+    }
+
+    /// Sends the request (head, then body while the response may already come) and passes
+    /// the response on.
+    async fn exchange(
+        &mut self,
+        head: &RequestHead,
+        route: &Route,
+        framing: Framing,
+        out: &[u8],
+    ) -> Result<Exchanged, RespError> {
+        let Some(be) = self.backend.as_mut() else {
+            return Err(RespError::Nothing);
+        };
+        let was_used = be.used;
+        be.used = true;
+        if let Err(e) = be.wr.write_all(out).await {
+            return Err(if was_used {
+                RespError::Nothing
+            } else {
+                RespError::Failed {
+                    status: 502,
+                    why: format!("cannot send the request to service {}: {e}", route.service),
+                    sent: false,
+                }
+            });
+        }
+        if let Some(t) = &be.traffic {
+            t.add_up(out.len() as u64);
+        }
+        let mut body = BodyState::new(framing);
+        let started = AtomicBool::new(false);
+        let (outcome, uploaded) = {
+            let upload = send_body(
+                &mut self.rd,
+                &mut self.buf,
+                &mut be.wr,
+                &mut body,
+                be.traffic.as_ref(),
+                self.front.idle_timeout,
+            );
+            let download = pass_response(
+                &mut be.rd,
+                &mut be.buf,
+                &mut self.wr,
+                head,
+                route,
+                self.https,
+                be.traffic.as_ref(),
+                self.front.response_timeout,
+                &started,
+            );
+            tokio::pin!(upload, download);
+            let mut uploaded = false;
+            loop {
+                tokio::select! {
+                    r = &mut upload, if !uploaded => match r {
+                        Ok(()) => uploaded = true,
+                        Err(why) => {
+                            let sent = started.load(Ordering::Relaxed);
+                            return Err(RespError::Failed { status: 400, why, sent });
+                        }
+                    },
+                    r = &mut download => break (r, uploaded),
+                }
+            }
+        };
+        match outcome? {
+            Passed::Upgraded => Ok(Exchanged::Upgraded),
+            Passed::Done { service_closes } => {
+                // A response that came before the whole request body leaves the rest of it
+                // unread: neither connection can carry another request.
+                if service_closes || !uploaded {
+                    self.backend = None;
+                }
+                let close = service_closes || !uploaded || head.wants_close();
+                Ok(Exchanged::Done { close })
+            }
+        }
+    }
+
+    /// After a `101`: everything either side sends is the new protocol's. Bytes either side
+    /// sent behind the HTTP heads are delivered first.
+    async fn upgrade(self) {
+        let Conn {
+            rd,
+            wr,
+            buf,
+            backend,
+            peer,
+            ..
+        } = self;
+        let Some(be) = backend else {
+            return;
+        };
+        let Backend {
+            service,
+            rd: be_rd,
+            wr: be_wr,
+            buf: be_buf,
+            traffic,
+            ..
+        } = be;
+        let mut backend = be_rd.unsplit(be_wr);
+        if !buf.is_empty() {
+            if let Err(e) = backend.write_all(&buf).await {
+                debug!(%peer, %service, "upgraded connection lost: {e}");
+                return;
+            }
+            if let Some(t) = &traffic {
+                t.add_up(buf.len() as u64);
+            }
+        }
+        debug!(%peer, %service, "HTTP connection upgraded; relaying bytes");
+        let traffic = traffic.as_ref();
+        let up = |n| {
+            if let Some(t) = traffic {
+                t.add_up(n)
+            }
+        };
+        let down = |n| {
+            if let Some(t) = traffic {
+                t.add_down(n)
+            }
+        };
+        let result = match rd.unsplit(wr) {
+            MaybeTls::Plain(mut tcp) => {
+                crate::relay::relay(&mut tcp, backend, &be_buf, &up, &down).await
+            }
+            mut client => {
+                let copied = async {
+                    client.write_all(&be_buf).await?;
+                    down(be_buf.len() as u64);
+                    let (a, b) = tokio::io::copy_bidirectional(&mut client, &mut backend).await?;
+                    up(a);
+                    down(b);
+                    Ok((a, b + be_buf.len() as u64))
+                };
+                copied.await
+            }
+        };
+        match result {
+            Ok((up, down)) => debug!(%peer, %service, up, down, "upgraded connection done"),
+            Err(e) => debug!(%peer, %service, "upgraded connection ended: {e}"),
+        }
+    }
+}
+
+/// How a response ended.
+enum Passed {
+    Done { service_closes: bool },
+    Upgraded,
+}
+
+/// Passes the request body from the client to the service, as far as `body` says it goes.
+async fn send_body<R, W>(
+    rd: &mut R,
+    buf: &mut Vec<u8>,
+    wr: &mut W,
+    body: &mut BodyState,
+    traffic: Option<&ConnectionGuard>,
+    idle: Duration,
+) -> Result<(), String>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    loop {
+        let n = body.advance(buf).map_err(|e| e.to_string())?;
+        if n > 0 {
+            wr.write_all(&buf[..n])
+                .await
+                .map_err(|e| format!("cannot send the request body: {e}"))?;
+            buf.drain(..n);
+            if let Some(t) = traffic {
+                t.add_up(n as u64);
+            }
+        }
+        if body.is_done() {
+            return wr
+                .flush()
+                .await
+                .map_err(|e| format!("cannot send the request body: {e}"));
+        }
+        match tokio::time::timeout(idle, read_more(rd, buf)).await {
+            Ok(Ok(0)) => return Err("the client closed in the middle of the request body".into()),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(format!("reading the request body failed: {e}")),
+            Err(_) => return Err(format!("the request body stalled for {idle:?}")),
+        }
+    }
+}
+
+/// Reads the service's response head (after any interim `1xx`), sends it rewritten to the
+/// client, then passes the body.
+#[allow(clippy::too_many_arguments)]
+async fn pass_response<R, W>(
+    rd: &mut R,
+    buf: &mut Vec<u8>,
+    wr: &mut W,
+    request: &RequestHead,
+    route: &Route,
+    https: bool,
+    traffic: Option<&ConnectionGuard>,
+    response_timeout: Duration,
+    started: &AtomicBool,
+) -> Result<Passed, RespError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let service = &route.service;
+    let mut sent = false;
+    let failed = |status: u16, why: String, sent: bool| RespError::Failed { status, why, sent };
+    let host = request.get("host").map(str::to_owned);
+    let deadline = Instant::now() + response_timeout;
+    loop {
+        let (head, len) = loop {
+            match parse_response(buf, &RESPONSE_LIMITS) {
+                Ok(Some(parsed)) => break parsed,
+                Ok(None) => {}
+                Err(why) => return Err(failed(502, format!("service {service}: {why}"), sent)),
+            }
+            match tokio::time::timeout_at(deadline.into(), read_more(rd, buf)).await {
+                Ok(Ok(0)) if buf.is_empty() && !sent => return Err(RespError::Nothing),
+                Ok(Ok(0)) => {
+                    return Err(failed(
+                        502,
+                        format!("service {service} closed in the middle of a response head"),
+                        sent,
+                    ))
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) if buf.is_empty() && !sent => {
+                    debug!(%service, "reading from the service failed: {e}");
+                    return Err(RespError::Nothing);
+                }
+                Ok(Err(e)) => {
+                    return Err(failed(
+                        502,
+                        format!("reading from service {service} failed: {e}"),
+                        sent,
+                    ))
+                }
+                Err(_) => {
+                    return Err(failed(
+                        504,
+                        format!("service {service} did not answer within {response_timeout:?}"),
+                        sent,
+                    ))
+                }
+            }
+        };
+        buf.drain(..len);
+        let framing = response_framing(&request.method, &head)
+            .map_err(|why| failed(502, format!("service {service}: {why}"), sent))?;
+        let out = response_head(&head, route, host.as_deref(), https);
+        started.store(true, Ordering::Relaxed);
+        wr.write_all(&out)
+            .await
+            .map_err(|e| failed(502, format!("the client went away: {e}"), true))?;
+        sent = true;
+        if let Some(t) = traffic {
+            t.add_down(out.len() as u64);
+        }
+        if framing == Framing::Upgrade {
+            wr.flush()
+                .await
+                .map_err(|e| failed(502, format!("the client went away: {e}"), true))?;
+            return Ok(Passed::Upgraded);
+        }
+        if (100..200).contains(&head.status) {
+            // Interim (100 Continue, 103 Early Hints): the real response follows.
+            wr.flush()
+                .await
+                .map_err(|e| failed(502, format!("the client went away: {e}"), true))?;
+            continue;
+        }
+        let mut body = BodyState::new(framing);
+        loop {
+            let n = body
+                .advance(buf)
+                .map_err(|e| failed(502, format!("service {service}: {e}"), true))?;
+            if n > 0 {
+                wr.write_all(&buf[..n])
+                    .await
+                    .map_err(|e| failed(502, format!("the client went away: {e}"), true))?;
+                buf.drain(..n);
+                if let Some(t) = traffic {
+                    t.add_down(n as u64);
+                }
+            }
+            if body.is_done() {
+                break;
+            }
+            match read_more(rd, buf).await {
+                Ok(0) if body.ends_at_eof() => {
+                    wr.flush()
+                        .await
+                        .map_err(|e| failed(502, format!("the client went away: {e}"), true))?;
+                    return Ok(Passed::Done {
+                        service_closes: true,
+                    });
+                }
+                Ok(0) => {
+                    return Err(failed(
+                        502,
+                        format!("service {service} closed in the middle of a response body"),
+                        true,
+                    ))
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    return Err(failed(
+                        502,
+                        format!("reading from service {service} failed: {e}"),
+                        true,
+                    ))
+                }
+            }
+        }
+        wr.flush()
+            .await
+            .map_err(|e| failed(502, format!("the client went away: {e}"), true))?;
+        return Ok(Passed::Done {
+            service_closes: head.closes(),
+        });
+    }
+}
