@@ -68,6 +68,9 @@ pub fn gateway_config(max_pending: usize) -> GatewayConfig {
             password_key: password_key(),
             data_tls: false,
             max_pending,
+            // The pool is measured separately; these fixtures measure the CONNECT path.
+            pool: 0,
+            pool_max_idle: std::time::Duration::from_secs(50),
         }],
     }
 }

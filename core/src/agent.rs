@@ -39,10 +39,15 @@ pub enum AgentError {
     PeerDead(Duration),
 }
 
-/// A request to open a data connection for one public client.
+/// A request to open a data connection: for one public client (CONNECT), or to keep ready in
+/// the gateway's pool (PREPARE), in which case the client is named later by a DATA_BIND on the
+/// data connection itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectRequest {
     pub request_id: u64,
+    /// Whether this connection waits in the gateway's pool for DATA_BIND instead of being
+    /// accepted at once.
+    pub pooled: bool,
     pub client: Option<SocketAddr>,
     pub public: Option<SocketAddr>,
     /// The DATA_HELLO to send on the new data connection.
@@ -295,8 +300,33 @@ impl AgentControl {
                 };
                 let req = ConnectRequest {
                     request_id: c.request_id,
+                    pooled: false,
                     client: c.client,
                     public: c.public,
+                    hello,
+                    data_tls: *data_tls,
+                };
+                self.events.push_back(AgentEvent::Connect(req));
+            }
+            (
+                State::Registered {
+                    session_id,
+                    data_tls,
+                    ..
+                },
+                Message::Prepare(p),
+            ) => {
+                let hello = DataHello {
+                    service: self.service.clone(),
+                    session_id: *session_id,
+                    request_id: p.request_id,
+                    token: p.token,
+                };
+                let req = ConnectRequest {
+                    request_id: p.request_id,
+                    pooled: true,
+                    client: None,
+                    public: None,
                     hello,
                     data_tls: *data_tls,
                 };

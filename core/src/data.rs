@@ -2,9 +2,11 @@
 //! handshake (`spec/protocol.md`, "Connection preamble" and "Data channel").
 
 use crate::error::ErrorCode;
+use std::net::SocketAddr;
+
 use crate::wire::{
-    encode_preamble, parse_preamble, ConnKind, DataHello, ErrorFrame, FrameDecoder, Message,
-    WireError, PREAMBLE_LEN,
+    encode_preamble, parse_preamble, ConnKind, DataBind, DataHello, ErrorFrame, FrameDecoder,
+    Message, WireError, PREAMBLE_LEN,
 };
 
 /// What a new connection turned out to be.
@@ -107,6 +109,20 @@ pub fn encode_error(code: ErrorCode, message: &str) -> Vec<u8> {
     .to_frame()
 }
 
+/// A DATA_BIND frame: hands a pooled data connection to a public client. Payload follows.
+pub fn encode_bind(client: Option<SocketAddr>, public: Option<SocketAddr>) -> Vec<u8> {
+    Message::DataBind(DataBind { client, public }).to_frame()
+}
+
+/// What the gateway said on a data connection: payload follows either way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataAnswer {
+    /// DATA_ACCEPT: paired with the client this connection was requested for.
+    Accept,
+    /// DATA_BIND: a pooled connection is now bound to this client.
+    Bind(DataBind),
+}
+
 /// The gateway's answer as the agent reads it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DataAnswerError {
@@ -114,12 +130,12 @@ pub enum DataAnswerError {
     Refused { code: ErrorCode, message: String },
     #[error(transparent)]
     Wire(#[from] WireError),
-    #[error("gateway sent {0} instead of DATA_ACCEPT")]
+    #[error("gateway sent {0} instead of DATA_ACCEPT or DATA_BIND")]
     Unexpected(&'static str),
 }
 
-/// Reads the gateway's DATA_ACCEPT (or ERROR) on a data connection. Bytes after the accept are
-/// the public client's first payload and stay in `input` for the caller to forward.
+/// Reads the gateway's DATA_ACCEPT or DATA_BIND (or ERROR) on a data connection. Bytes after it
+/// are the public client's first payload and stay in `input` for the caller to forward.
 #[derive(Debug, Default)]
 pub struct AnswerDecoder {
     frames: FrameDecoder,
@@ -130,10 +146,14 @@ impl AnswerDecoder {
         AnswerDecoder::default()
     }
 
-    pub fn handle_input(&mut self, input: &mut &[u8]) -> Result<bool, DataAnswerError> {
+    pub fn handle_input(
+        &mut self,
+        input: &mut &[u8],
+    ) -> Result<Option<DataAnswer>, DataAnswerError> {
         match self.frames.decode(input)? {
-            None => Ok(false),
-            Some(Message::DataAccept) => Ok(true),
+            None => Ok(None),
+            Some(Message::DataAccept) => Ok(Some(DataAnswer::Accept)),
+            Some(Message::DataBind(b)) => Ok(Some(DataAnswer::Bind(b))),
             Some(Message::Error(e)) => Err(DataAnswerError::Refused {
                 code: e.code,
                 message: e.message,
@@ -201,8 +221,23 @@ mod tests {
         let mut bytes = encode_accept();
         bytes.extend_from_slice(b"hello");
         let mut input = &bytes[..];
-        assert_eq!(AnswerDecoder::new().handle_input(&mut input), Ok(true));
+        assert_eq!(
+            AnswerDecoder::new().handle_input(&mut input),
+            Ok(Some(DataAnswer::Accept))
+        );
         assert_eq!(input, b"hello");
+        let client = Some("192.0.2.1:5000".parse().unwrap());
+        let mut bytes = encode_bind(client, None);
+        bytes.extend_from_slice(b"GET");
+        let mut input = &bytes[..];
+        assert_eq!(
+            AnswerDecoder::new().handle_input(&mut input),
+            Ok(Some(DataAnswer::Bind(DataBind {
+                client,
+                public: None
+            })))
+        );
+        assert_eq!(input, b"GET");
         let e = encode_error(ErrorCode::TokenInvalid, "bad token");
         let mut input = &e[..];
         assert!(matches!(

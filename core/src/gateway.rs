@@ -12,11 +12,12 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::crypto::{ct_eq, PasswordKey, SessionKeys};
+use crate::data::encode_bind;
 use crate::drbg::Drbg;
 use crate::error::ErrorCode;
 use crate::timing::Timing;
 use crate::wire::{
-    Connect, DataHello, ErrorFrame, FrameDecoder, Hello, Message, Welcome, WireError,
+    Connect, DataHello, ErrorFrame, FrameDecoder, Hello, Message, Prepare, Welcome, WireError,
     MAX_SERVICE_NAME,
 };
 
@@ -35,7 +36,16 @@ pub struct ServiceConfig {
     pub data_tls: bool,
     /// Clients waiting for a data connection at once; more are refused as overloaded.
     pub max_pending: usize,
+    /// Authenticated data connections kept ready for clients of this service (0: none).
+    pub pool: usize,
+    /// A pooled connection unused for this long is closed and replaced, before NATs and
+    /// proxies on the way forget it silently.
+    pub pool_max_idle: Duration,
 }
+
+/// Longest wait before refilling a pool whose connections keep failing.
+pub const POOL_BACKOFF_MAX: Duration = Duration::from_secs(30);
+const POOL_BACKOFF_MIN: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -50,6 +60,8 @@ pub enum GatewayOutput {
     Transmit { conn: ConnId, bytes: Vec<u8> },
     /// Flush what was transmitted so far, then close the control connection.
     Close { conn: ConnId },
+    /// Close this pooled data connection (aged out, or its session ended).
+    ClosePooled { pooled: u64 },
     /// Close this waiting client: it will not be paired.
     ClientFailed {
         client: ClientId,
@@ -82,6 +94,43 @@ pub enum GatewayEvent {
         service: String,
         session_id: u64,
         reason: String,
+    },
+    /// A data connection asked for the pool did not arrive or was refused; the pool is refilled
+    /// after `retry_in`.
+    PoolRequestFailed {
+        service: String,
+        reason: String,
+        retry_in: Duration,
+    },
+}
+
+/// How a client accepted by [`Gateway::handle_client`] gets its data connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientRoute {
+    /// A CONNECT went to the agent: the client is later paired by
+    /// [`Gateway::handle_data_hello`] or failed by a [`GatewayOutput::ClientFailed`].
+    Requested,
+    /// Paired at once with pooled data connection `pooled`: write `bind` to it, then relay.
+    /// If that connection turns out to be gone, report it with
+    /// [`Gateway::handle_pooled_gone`] and ask again.
+    Pooled {
+        pooled: u64,
+        bind: Vec<u8>,
+        session_id: u64,
+    },
+}
+
+/// What a data connection with a valid token is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataOutcome {
+    /// Answer DATA_ACCEPT and relay for this client.
+    Paired(Paired),
+    /// Keep the connection open without answering; it is pooled connection `pooled` until
+    /// [`Gateway::handle_client`] hands it to a client, or [`GatewayOutput::ClosePooled`].
+    Parked {
+        pooled: u64,
+        service: String,
+        session_id: u64,
     },
 }
 
@@ -124,7 +173,7 @@ struct Service {
 #[derive(Debug)]
 enum ConnState {
     AwaitHello { deadline: Instant },
-    Registered(Session),
+    Registered(Box<Session>),
 }
 
 #[derive(Debug)]
@@ -135,6 +184,38 @@ struct Session {
     /// Settings the session registered with; they stay until it ends, whatever reloads do.
     timing: Timing,
     data_tls: bool,
+    pool: Pool,
+}
+
+/// A session's pool of ready data connections.
+#[derive(Debug)]
+struct Pool {
+    target: usize,
+    max_idle: Duration,
+    /// Parked connections in the order they arrived, each with its arrival time.
+    parked: VecDeque<(u64, Instant)>,
+    /// PREPAREs sent and not yet answered by a data connection.
+    in_flight: usize,
+    /// Failures since a pooled connection last proved healthy (used, or lived to retirement).
+    failures: u32,
+    /// No PREPARE before this instant (backoff after failures).
+    refill_at: Instant,
+}
+
+impl Pool {
+    fn deficit(&self) -> usize {
+        self.target
+            .saturating_sub(self.parked.len() + self.in_flight)
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let aged = self.parked.front().map(|(_, since)| *since + self.max_idle);
+        let refill = (self.deficit() > 0).then_some(self.refill_at);
+        match (aged, refill) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -151,7 +232,8 @@ struct Conn {
 
 #[derive(Debug)]
 struct Pending {
-    client: ClientId,
+    /// `None` for a connection requested for the pool.
+    client: Option<ClientId>,
     service: String,
     session_id: u64,
     conn: ConnId,
@@ -165,6 +247,8 @@ pub struct Gateway {
     conns: BTreeMap<ConnId, Conn>,
     pending: BTreeMap<u64, Pending>,
     clients: BTreeMap<ClientId, u64>,
+    /// Every parked pooled connection and the session it belongs to.
+    parked: BTreeMap<u64, ConnId>,
     conn_timers: BinaryHeap<Reverse<(Instant, ConnId)>>,
     token_timers: BinaryHeap<Reverse<(Instant, u64)>>,
     outputs: VecDeque<GatewayOutput>,
@@ -186,6 +270,7 @@ impl Gateway {
             conns: BTreeMap::new(),
             pending: BTreeMap::new(),
             clients: BTreeMap::new(),
+            parked: BTreeMap::new(),
             conn_timers: BinaryHeap::new(),
             token_timers: BinaryHeap::new(),
             outputs: VecDeque::new(),
@@ -217,8 +302,23 @@ impl Gateway {
             .is_some_and(|s| s.session.is_some())
     }
 
+    /// Public clients waiting for a data connection.
     pub fn pending_clients(&self) -> usize {
-        self.pending.len()
+        self.clients.len()
+    }
+
+    /// Pooled data connections parked for `service`'s live session.
+    pub fn pooled(&self, service: &str) -> usize {
+        let Some(conn) = self.services.get(service).and_then(|s| s.session) else {
+            return 0;
+        };
+        match self.conns.get(&conn) {
+            Some(Conn {
+                state: ConnState::Registered(s),
+                ..
+            }) => s.pool.parked.len(),
+            _ => 0,
+        }
     }
 
     pub fn control_connections(&self) -> usize {
@@ -280,9 +380,8 @@ impl Gateway {
         self.close(conn, None, "connection closed by the agent".into());
     }
 
-    /// A public client arrived for `service`. On success a CONNECT goes to the agent, and the
-    /// client is later either paired by [`Gateway::handle_data_hello`] or failed by a
-    /// [`GatewayOutput::ClientFailed`].
+    /// A public client arrived for `service`. It gets a pooled data connection at once when one
+    /// is parked; otherwise a CONNECT goes to the agent (see [`ClientRoute`]).
     pub fn handle_client(
         &mut self,
         now: Instant,
@@ -290,7 +389,7 @@ impl Gateway {
         service: &str,
         client_addr: Option<SocketAddr>,
         public_addr: Option<SocketAddr>,
-    ) -> Result<(), ClientReject> {
+    ) -> Result<ClientRoute, ClientReject> {
         self.touch(now);
         let svc = self
             .services
@@ -299,10 +398,28 @@ impl Gateway {
         let conn_id = svc
             .session
             .ok_or_else(|| ClientReject::AgentOffline(service.to_owned()))?;
-        if svc.pending >= svc.cfg.max_pending {
+        let max_pending = svc.cfg.max_pending;
+        let waiting = svc.pending;
+        if let Some(session) = self.session_mut(conn_id) {
+            // The newest parked connection is the least likely to have died unnoticed.
+            if let Some((pooled, _)) = session.pool.parked.pop_back() {
+                // It lived until used: the pool is healthy, refill without waiting.
+                session.pool.failures = 0;
+                session.pool.refill_at = session.pool.refill_at.min(now);
+                let session_id = session.session_id;
+                self.parked.remove(&pooled);
+                self.refill(now, conn_id);
+                return Ok(ClientRoute::Pooled {
+                    pooled,
+                    bind: encode_bind(client_addr, public_addr),
+                    session_id,
+                });
+            }
+        }
+        if waiting >= max_pending {
             return Err(ClientReject::Overloaded {
                 service: service.to_owned(),
-                pending: svc.pending,
+                pending: waiting,
             });
         }
         let Some(Conn {
@@ -314,11 +431,11 @@ impl Gateway {
         };
         let session_id = session.session_id;
         let ttl = session.timing.token_ttl;
-        let mut request_id = 0;
-        while request_id == 0 || self.pending.contains_key(&request_id) {
-            request_id = u64::from_be_bytes(self.rng.array());
-        }
+        let request_id = self.fresh_request_id();
         let random: [u8; 16] = self.rng.array();
+        let Some(session) = self.session_mut(conn_id) else {
+            return Err(ClientReject::AgentOffline(service.to_owned()));
+        };
         let token = session
             .keys
             .data_token(session_id, request_id, service, &random);
@@ -326,7 +443,7 @@ impl Gateway {
         self.pending.insert(
             request_id,
             Pending {
-                client,
+                client: Some(client),
                 service: service.to_owned(),
                 session_id,
                 conn: conn_id,
@@ -346,7 +463,21 @@ impl Gateway {
             public: public_addr,
         });
         self.transmit(now, conn_id, &msg);
-        Ok(())
+        Ok(ClientRoute::Requested)
+    }
+
+    /// A parked pooled connection closed, failed, or sent bytes before its DATA_BIND; it is
+    /// dropped from the pool and replaced. Unknown ids (already handed out, or closed by the
+    /// core) are ignored.
+    pub fn handle_pooled_gone(&mut self, now: Instant, pooled: u64, reason: &str) {
+        self.touch(now);
+        let Some(conn) = self.parked.remove(&pooled) else {
+            return;
+        };
+        if let Some(session) = self.session_mut(conn) {
+            session.pool.parked.retain(|(id, _)| *id != pooled);
+        }
+        self.pool_failed(now, conn, format!("pooled data connection lost: {reason}"));
     }
 
     /// The waiting client hung up before it was paired; its token dies with it.
@@ -364,7 +495,7 @@ impl Gateway {
         now: Instant,
         hello: &DataHello,
         tls: bool,
-    ) -> Result<Paired, DataReject> {
+    ) -> Result<DataOutcome, DataReject> {
         self.touch(now);
         let reject = |code, message: &str| DataReject {
             code,
@@ -377,11 +508,18 @@ impl Gateway {
             ));
         };
         let fail = |g: &mut Gateway, code: ErrorCode, message: &str| {
-            g.outputs.push_back(GatewayOutput::ClientFailed {
-                client: p.client,
-                code,
-                reason: format!("data connection refused: {message}"),
-            });
+            match p.client {
+                Some(client) => g.outputs.push_back(GatewayOutput::ClientFailed {
+                    client,
+                    code,
+                    reason: format!("data connection refused: {message}"),
+                }),
+                None => g.pool_failed(
+                    now,
+                    p.conn,
+                    format!("pooled data connection refused: {code}: {message}"),
+                ),
+            }
             Err(reject(code, message))
         };
         if !ct_eq(&p.token, &hello.token)
@@ -423,12 +561,24 @@ impl Gateway {
                 "this service requires data connections under TLS",
             );
         }
-        Ok(Paired {
-            client: p.client,
+        let Some(client) = p.client else {
+            if let Some(session) = self.session_mut(p.conn) {
+                session.pool.parked.push_back((hello.request_id, now));
+            }
+            self.parked.insert(hello.request_id, p.conn);
+            self.reschedule(p.conn);
+            return Ok(DataOutcome::Parked {
+                pooled: hello.request_id,
+                service: p.service,
+                session_id: p.session_id,
+            });
+        };
+        Ok(DataOutcome::Paired(Paired {
+            client,
             service: p.service,
             session_id: p.session_id,
             request_id: hello.request_id,
-        })
+        }))
     }
 
     /// Run every timer that is due at `now`.
@@ -459,11 +609,14 @@ impl Gateway {
                         "the agent did not dial back within {}",
                         fmt_duration(self.ttl_of(&p))
                     );
-                    self.outputs.push_back(GatewayOutput::ClientFailed {
-                        client: p.client,
-                        code: ErrorCode::TokenExpired,
-                        reason,
-                    });
+                    match p.client {
+                        Some(client) => self.outputs.push_back(GatewayOutput::ClientFailed {
+                            client,
+                            code: ErrorCode::TokenExpired,
+                            reason,
+                        }),
+                        None => self.pool_failed(now, p.conn, reason),
+                    }
                 }
             }
         }
@@ -513,11 +666,106 @@ impl Gateway {
 
     fn remove_pending(&mut self, request_id: u64) -> Option<Pending> {
         let p = self.pending.remove(&request_id)?;
-        self.clients.remove(&p.client);
-        if let Some(s) = self.services.get_mut(&p.service) {
-            s.pending = s.pending.saturating_sub(1);
+        match p.client {
+            Some(client) => {
+                self.clients.remove(&client);
+                if let Some(s) = self.services.get_mut(&p.service) {
+                    s.pending = s.pending.saturating_sub(1);
+                }
+            }
+            None => {
+                if let Some(session) = self.session_mut(p.conn) {
+                    session.pool.in_flight = session.pool.in_flight.saturating_sub(1);
+                }
+            }
         }
         Some(p)
+    }
+
+    fn session_mut(&mut self, conn: ConnId) -> Option<&mut Session> {
+        match self.conns.get_mut(&conn) {
+            Some(Conn {
+                state: ConnState::Registered(s),
+                ..
+            }) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// A fresh request id: random, not 0, not in use by a pending request or a parked
+    /// connection.
+    fn fresh_request_id(&mut self) -> u64 {
+        let mut request_id = 0;
+        while request_id == 0
+            || self.pending.contains_key(&request_id)
+            || self.parked.contains_key(&request_id)
+        {
+            request_id = u64::from_be_bytes(self.rng.array());
+        }
+        request_id
+    }
+
+    /// Sends PREPAREs until the session's pool is full again, unless it is backing off.
+    fn refill(&mut self, now: Instant, conn: ConnId) {
+        let Some(session) = self.session_mut(conn) else {
+            return;
+        };
+        let deficit = session.pool.deficit();
+        if deficit == 0 || now < session.pool.refill_at {
+            self.reschedule(conn);
+            return;
+        }
+        let (session_id, ttl, service) = (
+            session.session_id,
+            session.timing.token_ttl,
+            session.service.clone(),
+        );
+        for _ in 0..deficit {
+            let request_id = self.fresh_request_id();
+            let random: [u8; 16] = self.rng.array();
+            let Some(session) = self.session_mut(conn) else {
+                return;
+            };
+            let token = session
+                .keys
+                .data_token(session_id, request_id, &service, &random);
+            session.pool.in_flight += 1;
+            let expires = now + ttl;
+            self.pending.insert(
+                request_id,
+                Pending {
+                    client: None,
+                    service: service.clone(),
+                    session_id,
+                    conn,
+                    token,
+                    expires,
+                },
+            );
+            self.token_timers.push(Reverse((expires, request_id)));
+            self.transmit(now, conn, &Message::Prepare(Prepare { request_id, token }));
+        }
+        self.reschedule(conn);
+    }
+
+    /// Counts a failure of the pool and delays its refill: 250 ms, doubling up to 30 s, until a
+    /// pooled connection proves healthy again.
+    fn pool_failed(&mut self, now: Instant, conn: ConnId, reason: String) {
+        let Some(session) = self.session_mut(conn) else {
+            return;
+        };
+        session.pool.failures = session.pool.failures.saturating_add(1);
+        let shift = (session.pool.failures - 1).min(7);
+        let retry_in = (POOL_BACKOFF_MIN * (1u32 << shift)).min(POOL_BACKOFF_MAX);
+        session.pool.refill_at = now + retry_in;
+        let service = session.service.clone();
+        self.outputs
+            .push_back(GatewayOutput::Event(GatewayEvent::PoolRequestFailed {
+                service,
+                reason,
+                retry_in,
+            }));
+        self.refill(now, conn);
     }
 
     fn transmit(&mut self, now: Instant, conn: ConnId, msg: &Message) {
@@ -546,15 +794,26 @@ impl Gateway {
                     .is_some_and(|p| p.conn == conn);
                 if mine {
                     if let Some(p) = self.remove_pending(f.request_id) {
-                        let reason = format!(
-                            "agent could not serve the client: {}: {}",
-                            f.code, f.message
-                        );
-                        self.outputs.push_back(GatewayOutput::ClientFailed {
-                            client: p.client,
-                            code: f.code,
-                            reason,
-                        });
+                        match p.client {
+                            Some(client) => {
+                                let reason = format!(
+                                    "agent could not serve the client: {}: {}",
+                                    f.code, f.message
+                                );
+                                self.outputs.push_back(GatewayOutput::ClientFailed {
+                                    client,
+                                    code: f.code,
+                                    reason,
+                                });
+                            }
+                            None => {
+                                let reason = format!(
+                                    "agent could not open a pooled data connection: {}: {}",
+                                    f.code, f.message
+                                );
+                                self.pool_failed(now, conn, reason);
+                            }
+                        }
                     }
                 }
             }
@@ -586,6 +845,10 @@ impl Gateway {
             .services
             .get(&h.service)
             .map(|s| (s.cfg.password_key.clone(), s.cfg.data_tls, s.session));
+        let pool_cfg = self
+            .services
+            .get(&h.service)
+            .map_or((0, Duration::ZERO), |s| (s.cfg.pool, s.cfg.pool_max_idle));
         // An unknown service costs the same work as a known one, so timing does not tell
         // which services exist.
         let unknown = PasswordKey::from_bytes([0; 32]);
@@ -663,16 +926,23 @@ impl Gateway {
             s.session = Some(conn);
         }
         if let Some(c) = self.conns.get_mut(&conn) {
-            c.state = ConnState::Registered(Session {
+            c.state = ConnState::Registered(Box::new(Session {
                 service: h.service.clone(),
                 session_id,
                 keys,
                 timing,
                 data_tls,
-            });
+                pool: Pool {
+                    target: pool_cfg.0,
+                    max_idle: pool_cfg.1,
+                    parked: VecDeque::new(),
+                    in_flight: 0,
+                    failures: 0,
+                    refill_at: now,
+                },
+            }));
         }
         self.transmit(now, conn, &Message::Welcome(welcome));
-        self.reschedule(conn);
         self.outputs
             .push_back(GatewayOutput::Event(GatewayEvent::Registered {
                 conn,
@@ -681,6 +951,7 @@ impl Gateway {
                 session_id,
                 software: h.software,
             }));
+        self.refill(now, conn);
     }
 
     fn reject(
@@ -751,6 +1022,11 @@ impl Gateway {
         let ConnState::Registered(session) = c.state else {
             return;
         };
+        for (pooled, _) in &session.pool.parked {
+            self.parked.remove(pooled);
+            self.outputs
+                .push_back(GatewayOutput::ClosePooled { pooled: *pooled });
+        }
         if let Some(s) = self.services.get_mut(&session.service) {
             if s.session == Some(conn) {
                 s.session = None;
@@ -763,9 +1039,13 @@ impl Gateway {
             .map(|(id, _)| *id)
             .collect();
         for id in orphans {
-            if let Some(p) = self.remove_pending(id) {
+            if let Some(Pending {
+                client: Some(client),
+                ..
+            }) = self.remove_pending(id)
+            {
                 self.outputs.push_back(GatewayOutput::ClientFailed {
-                    client: p.client,
+                    client,
                     code: ErrorCode::SessionGone,
                     reason: "the agent's control connection ended".into(),
                 });
@@ -806,12 +1086,36 @@ impl Gateway {
                 if now.saturating_duration_since(c.last_tx) >= s.timing.heartbeat {
                     self.transmit(now, conn, &Message::Heartbeat);
                 }
+                self.retire_aged(now, conn);
+                self.refill(now, conn);
             }
         }
         if let Some(c) = self.conns.get_mut(&conn) {
             let next = next_deadline(c);
             c.scheduled = next;
             self.conn_timers.push(Reverse((next, conn)));
+        }
+    }
+
+    /// Closes pooled connections that waited longer than `pool_max_idle`. They lived a healthy
+    /// life, so the pool's failure count starts over.
+    fn retire_aged(&mut self, now: Instant, conn: ConnId) {
+        let Some(session) = self.session_mut(conn) else {
+            return;
+        };
+        let mut retired = Vec::new();
+        while let Some(&(pooled, since)) = session.pool.parked.front() {
+            if now < since + session.pool.max_idle {
+                break;
+            }
+            session.pool.parked.pop_front();
+            session.pool.failures = 0;
+            retired.push(pooled);
+        }
+        for pooled in retired {
+            self.parked.remove(&pooled);
+            self.outputs
+                .push_back(GatewayOutput::ClosePooled { pooled });
         }
     }
 
@@ -832,7 +1136,8 @@ fn next_deadline(c: &Conn) -> Instant {
     match &c.state {
         ConnState::AwaitHello { deadline } => *deadline,
         ConnState::Registered(s) => {
-            (c.last_rx + s.timing.dead_after).min(c.last_tx + s.timing.heartbeat)
+            let liveness = (c.last_rx + s.timing.dead_after).min(c.last_tx + s.timing.heartbeat);
+            s.pool.next_deadline().map_or(liveness, |p| p.min(liveness))
         }
     }
 }

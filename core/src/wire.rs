@@ -39,8 +39,10 @@ pub mod msg_type {
     pub const CONNECT: u8 = 0x04;
     pub const CONNECT_FAILED: u8 = 0x05;
     pub const ERROR: u8 = 0x06;
+    pub const PREPARE: u8 = 0x07;
     pub const DATA_HELLO: u8 = 0x10;
     pub const DATA_ACCEPT: u8 = 0x11;
+    pub const DATA_BIND: u8 = 0x12;
     /// Types from here up are extensions a receiver that does not know them ignores.
     pub const FIRST_IGNORABLE: u8 = 0x80;
 }
@@ -129,6 +131,20 @@ pub struct Connect {
     pub public: Option<SocketAddr>,
 }
 
+/// Asks the agent for a data connection to keep ready in the gateway's pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prepare {
+    pub request_id: u64,
+    pub token: [u8; 32],
+}
+
+/// Binds a pooled data connection to a public client; payload follows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataBind {
+    pub client: Option<SocketAddr>,
+    pub public: Option<SocketAddr>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectFailed {
     pub request_id: u64,
@@ -158,8 +174,10 @@ pub enum Message {
     Connect(Connect),
     ConnectFailed(ConnectFailed),
     Error(ErrorFrame),
+    Prepare(Prepare),
     DataHello(DataHello),
     DataAccept,
+    DataBind(DataBind),
     /// An extension type (>= 0x80) this side does not know; ignore it.
     Ignorable(u8),
 }
@@ -173,8 +191,10 @@ impl Message {
             Message::Connect(_) => "CONNECT",
             Message::ConnectFailed(_) => "CONNECT_FAILED",
             Message::Error(_) => "ERROR",
+            Message::Prepare(_) => "PREPARE",
             Message::DataHello(_) => "DATA_HELLO",
             Message::DataAccept => "DATA_ACCEPT",
+            Message::DataBind(_) => "DATA_BIND",
             Message::Ignorable(_) => "extension",
         }
     }
@@ -219,6 +239,11 @@ impl Message {
                 put_str16(out, &e.message, MAX_FRAME_PAYLOAD - 4);
                 msg_type::ERROR
             }
+            Message::Prepare(p) => {
+                out.extend_from_slice(&p.request_id.to_be_bytes());
+                out.extend_from_slice(&p.token);
+                msg_type::PREPARE
+            }
             Message::DataHello(d) => {
                 put_str8(out, &d.service);
                 out.extend_from_slice(&d.session_id.to_be_bytes());
@@ -227,6 +252,11 @@ impl Message {
                 msg_type::DATA_HELLO
             }
             Message::DataAccept => msg_type::DATA_ACCEPT,
+            Message::DataBind(b) => {
+                put_addr(out, b.client);
+                put_addr(out, b.public);
+                msg_type::DATA_BIND
+            }
             Message::Ignorable(t) => *t,
         };
         let len = out.len() - start - FRAME_HEADER_LEN;
@@ -280,6 +310,10 @@ impl Message {
                 code: ErrorCode::from_u16(r.u16()?),
                 message: r.str16()?,
             }),
+            msg_type::PREPARE => Message::Prepare(Prepare {
+                request_id: r.u64()?,
+                token: r.array()?,
+            }),
             msg_type::DATA_HELLO => Message::DataHello(DataHello {
                 service: r.str8()?,
                 session_id: r.u64()?,
@@ -287,6 +321,10 @@ impl Message {
                 token: r.array()?,
             }),
             msg_type::DATA_ACCEPT => Message::DataAccept,
+            msg_type::DATA_BIND => Message::DataBind(DataBind {
+                client: r.addr()?,
+                public: r.addr()?,
+            }),
             t if t >= msg_type::FIRST_IGNORABLE => return Ok(Message::Ignorable(t)),
             t => return Err(WireError::UnknownType(t)),
         };
@@ -303,8 +341,10 @@ fn type_name(ty: u8) -> &'static str {
         msg_type::CONNECT => "CONNECT",
         msg_type::CONNECT_FAILED => "CONNECT_FAILED",
         msg_type::ERROR => "ERROR",
+        msg_type::PREPARE => "PREPARE",
         msg_type::DATA_HELLO => "DATA_HELLO",
         msg_type::DATA_ACCEPT => "DATA_ACCEPT",
+        msg_type::DATA_BIND => "DATA_BIND",
         _ => "frame",
     }
 }
@@ -546,6 +586,14 @@ mod tests {
                 token: [6; 32],
             }),
             Message::DataAccept,
+            Message::Prepare(Prepare {
+                request_id: 11,
+                token: [7; 32],
+            }),
+            Message::DataBind(DataBind {
+                client: Some("198.51.100.4:40000".parse().unwrap()),
+                public: None,
+            }),
         ]
     }
 

@@ -23,8 +23,8 @@ use dialback_core::agent::{AgentControl, AgentError, AgentEvent, ConnectRequest}
 use dialback_core::crypto::{PasswordKey, SessionKeys};
 use dialback_core::data::{encode_data_hello, Classified, Intake};
 use dialback_core::gateway::{
-    ClientId, ClientReject, ConnId, DataReject, Gateway, GatewayConfig, GatewayEvent,
-    GatewayOutput, Paired, ServiceConfig,
+    ClientId, ClientReject, ClientRoute, ConnId, DataOutcome, DataReject, Gateway, GatewayConfig,
+    GatewayEvent, GatewayOutput, Paired, ServiceConfig,
 };
 use dialback_core::wire::{
     self, msg_type, DataHello, FrameDecoder, Message, Welcome, WireError, MAX_FRAME_PAYLOAD,
@@ -64,6 +64,8 @@ fn service(name: &str, key: PasswordKey, data_tls: bool) -> ServiceConfig {
         password_key: key,
         data_tls,
         max_pending: 64,
+        pool: 0,
+        pool_max_idle: Duration::from_secs(60),
     }
 }
 
@@ -301,6 +303,12 @@ struct Pair {
     data_log: Vec<Vec<u8>>,
     data_chunks: Chunker,
     nonce_seed: [u8; 32],
+    /// Pooled connections parked (redeemed for the pool) and not yet handed out or closed.
+    parked: BTreeMap<u64, Instant>,
+    /// Pooled connections handed to clients, and the client.
+    bound: BTreeMap<u64, ClientId>,
+    /// Pooled connections the gateway closed, and when.
+    pool_closed: Vec<(Instant, u64)>,
 }
 
 /// The only clock read of a test: every later instant is this plus a duration. (`Instant` has
@@ -341,6 +349,9 @@ impl Pair {
             data_log: Vec::new(),
             data_chunks,
             nonce_seed,
+            parked: BTreeMap::new(),
+            bound: BTreeMap::new(),
+            pool_closed: Vec::new(),
         }
     }
 
@@ -559,6 +570,14 @@ impl Pair {
                 self.failed.push((now, client, code));
                 self.resolve(client, "failed");
             }
+            GatewayOutput::ClosePooled { pooled } => {
+                assert!(
+                    self.parked.remove(&pooled).is_some(),
+                    "gateway closed pooled connection {pooled} that is not parked"
+                );
+                assert!(!self.bound.contains_key(&pooled));
+                self.pool_closed.push((now, pooled));
+            }
             GatewayOutput::Event(ev) => self.gw_events.push((now, ev)),
         }
     }
@@ -687,20 +706,50 @@ impl Pair {
     // --- runtime actions -------------------------------------------------------------------
 
     fn client(&mut self, id: u64, service: &str) -> Result<(), ClientReject> {
+        match self.client_route(id, service)? {
+            ClientRoute::Requested => Ok(()),
+            r => panic!("client {id} took a pooled connection in a test without a pool: {r:?}"),
+        }
+    }
+
+    fn client_route(&mut self, id: u64, service: &str) -> Result<ClientRoute, ClientReject> {
         let client = ClientId(id);
         let addr = client_addr(id);
         let r = self
             .gw
             .handle_client(self.now, client, service, Some(addr), Some(public_addr()));
-        if r.is_ok() {
+        if let Ok(route) = &r {
             assert!(
                 self.issued.insert(client, self.now).is_none(),
                 "client id reused"
             );
             self.clients.insert(addr, client);
+            if let ClientRoute::Pooled { pooled, bind, .. } = route {
+                assert!(
+                    self.parked.remove(pooled).is_some(),
+                    "client {id} got pooled connection {pooled}, which is not parked"
+                );
+                assert!(self.bound.insert(*pooled, client).is_none());
+                let mut input = &bind[..];
+                let m = FrameDecoder::new().decode(&mut input).unwrap();
+                assert!(input.is_empty());
+                let Some(Message::DataBind(b)) = m else {
+                    panic!("bind bytes are not a DATA_BIND: {m:?}")
+                };
+                assert_eq!((b.client, b.public), (Some(addr), Some(public_addr())));
+                self.resolve(client, "pooled");
+            }
         }
         self.drain();
         r
+    }
+
+    /// The runtime noticed that a parked connection died.
+    fn pooled_gone(&mut self, pooled: u64) {
+        self.gw
+            .handle_pooled_gone(self.now, pooled, "closed by the agent");
+        self.parked.remove(&pooled);
+        self.drain();
     }
 
     fn client_gone(&mut self, id: ClientId) {
@@ -723,6 +772,13 @@ impl Pair {
 
     /// A data connection: DATA_HELLO through a fresh `Intake`, then `handle_data_hello`.
     fn redeem(&mut self, hello: &DataHello, tls: bool) -> Result<Paired, DataReject> {
+        match self.redeem_any(hello, tls)? {
+            DataOutcome::Paired(p) => Ok(p),
+            o => panic!("data connection parked in a test without a pool: {o:?}"),
+        }
+    }
+
+    fn redeem_any(&mut self, hello: &DataHello, tls: bool) -> Result<DataOutcome, DataReject> {
         let bytes = encode_data_hello(hello);
         self.data_log.push(bytes.clone());
         let mut intake = Intake::new(tls);
@@ -750,8 +806,13 @@ impl Pair {
         };
         assert_eq!(&h, hello);
         let r = self.gw.handle_data_hello(self.now, &h, tls);
-        if let Ok(p) = &r {
-            self.resolve(p.client, "paired");
+        match &r {
+            Ok(DataOutcome::Paired(p)) => self.resolve(p.client, "paired"),
+            Ok(DataOutcome::Parked { pooled, .. }) => {
+                assert_eq!(*pooled, h.request_id);
+                assert!(self.parked.insert(*pooled, self.now).is_none());
+            }
+            Err(_) => {}
         }
         self.drain();
         r
@@ -2370,5 +2431,364 @@ fn hello_service_name_bounds() {
         assert_eq!(rej.len(), 1);
         assert_eq!(rej[0].2, code);
         assert!(!p.gw.is_online(SERVICE));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Data-connection pool (spec section 11.4)
+// ---------------------------------------------------------------------------------------------
+
+const POOL: usize = 3;
+
+fn pooled_pair(max_idle: Duration) -> Pair {
+    let mut svc = service(SERVICE, password_key(), false);
+    svc.pool = POOL;
+    svc.pool_max_idle = max_idle;
+    Pair::new(vec![svc], [7; 32], Link::new(5, &[1, 7, 3, 64, 19]))
+}
+
+impl Pair {
+    /// Pool requests the agent got and has not answered yet (by redeeming or failing them).
+    fn prepares(&self, i: usize, answered: &BTreeMap<u64, ()>) -> Vec<ConnectRequest> {
+        self.connects(i)
+            .into_iter()
+            .filter(|r| r.pooled && !answered.contains_key(&r.request_id))
+            .collect()
+    }
+
+    /// Redeems every unanswered pool request of agent `i`; returns how many parked.
+    fn fill(&mut self, i: usize, answered: &mut BTreeMap<u64, ()>) -> usize {
+        self.settle();
+        let mut parked = 0;
+        for r in self.prepares(i, answered) {
+            answered.insert(r.request_id, ());
+            match self.redeem_any(&r.hello, false) {
+                Ok(DataOutcome::Parked { .. }) => parked += 1,
+                o => panic!("pool request not parked: {o:?}"),
+            }
+        }
+        self.settle();
+        parked
+    }
+
+    /// Like `fill`, for random schedules: requests whose token expired or whose session ended
+    /// are refused, and that is fine.
+    fn fill_some(&mut self, i: usize, answered: &mut BTreeMap<u64, ()>) {
+        self.settle();
+        for r in self.prepares(i, answered) {
+            answered.insert(r.request_id, ());
+            let _ = self.redeem_any(&r.hello, false);
+        }
+        self.settle();
+    }
+
+    /// Drives timers until agent `i` has an unanswered pool request (bounded).
+    fn await_prepares(&mut self, i: usize, answered: &BTreeMap<u64, ()>) -> Vec<ConnectRequest> {
+        for _ in 0..1000 {
+            self.settle();
+            let reqs = self.prepares(i, answered);
+            if !reqs.is_empty() {
+                return reqs;
+            }
+            let next = self.gw.poll_timeout().expect("a timer is pending");
+            self.run_until(next);
+        }
+        panic!("no pool request within 1000 timer rounds");
+    }
+
+    fn pool_failures(&self) -> Vec<(Instant, Duration)> {
+        self.gw_events
+            .iter()
+            .filter_map(|(t, e)| match e {
+                GatewayEvent::PoolRequestFailed { retry_in, .. } => Some((*t, *retry_in)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn pool_fills_on_registration_and_serves_clients_without_a_round_trip() {
+    let mut p = pooled_pair(Duration::from_secs(60));
+    let a = p.agent(SERVICE, password_key(), [1; 32]);
+    p.settle();
+    assert!(p.registered(a).is_some());
+    let mut answered = BTreeMap::new();
+    let first = p.prepares(a, &answered);
+    assert_eq!(
+        first.len(),
+        POOL,
+        "one PREPARE per pool slot right after WELCOME"
+    );
+    assert!(first
+        .iter()
+        .all(|r| r.client.is_none() && r.public.is_none()));
+    assert_eq!(p.fill(a, &mut answered), POOL);
+    assert_eq!(p.gw.pooled(SERVICE), POOL);
+    assert!(
+        p.prepares(a, &answered).is_empty(),
+        "a full pool asks for nothing"
+    );
+
+    // Clients are bound to distinct parked connections, newest first, with no CONNECT.
+    let mut got = Vec::new();
+    for id in 1..=POOL as u64 {
+        match p.client_route(id, SERVICE).unwrap() {
+            ClientRoute::Pooled { pooled, .. } => got.push(pooled),
+            r => panic!("client {id} not served from the pool: {r:?}"),
+        }
+    }
+    p.settle();
+    let mut dedup = got.clone();
+    dedup.sort_unstable();
+    dedup.dedup();
+    assert_eq!(dedup.len(), POOL, "a pooled connection is handed out once");
+    assert!(
+        p.connects(a).iter().all(|r| r.pooled),
+        "no CONNECT while the pool had one"
+    );
+    // Each use asked for a replacement; with the pool empty the next client is requested.
+    assert_eq!(p.prepares(a, &answered).len(), POOL);
+    assert_eq!(p.client_route(99, SERVICE).unwrap(), ClientRoute::Requested);
+    p.settle();
+    let connect = p
+        .connects(a)
+        .into_iter()
+        .find(|r| !r.pooled)
+        .expect("a CONNECT for the client that found the pool empty");
+    assert_eq!(connect.client, Some(client_addr(99)));
+    assert_eq!(p.fill(a, &mut answered), POOL);
+    assert_eq!(
+        p.redeem(&connect.hello, false).unwrap().client,
+        ClientId(99)
+    );
+    assert_eq!(p.gw.pooled(SERVICE), POOL);
+}
+
+#[test]
+fn pool_tokens_are_checked_and_single_use() {
+    let mut p = pooled_pair(Duration::from_secs(60));
+    let a = p.agent(SERVICE, password_key(), [1; 32]);
+    p.settle();
+    let reqs = p.prepares(a, &BTreeMap::new());
+    let mut forged = reqs[0].hello.clone();
+    forged.token[0] ^= 1;
+    assert_eq!(
+        p.redeem_any(&forged, false).unwrap_err().code,
+        ErrorCode::TokenInvalid
+    );
+    // The forged attempt burned the request: the genuine token is refused too.
+    assert_eq!(
+        p.redeem_any(&reqs[0].hello, false).unwrap_err().code,
+        ErrorCode::TokenInvalid
+    );
+    assert!(matches!(
+        p.redeem_any(&reqs[1].hello, false),
+        Ok(DataOutcome::Parked { .. })
+    ));
+    assert_eq!(
+        p.redeem_any(&reqs[1].hello, false).unwrap_err().code,
+        ErrorCode::TokenInvalid,
+        "a pool token parks one connection only"
+    );
+    assert_eq!(p.gw.pooled(SERVICE), 1);
+    assert_eq!(
+        p.pool_failures().len(),
+        1,
+        "the forged token counts as a failure"
+    );
+    assert!(p.failed.is_empty(), "no client was involved");
+}
+
+#[test]
+fn pooled_connections_age_out_and_are_replaced() {
+    let max_idle = ms(5000);
+    let mut p = pooled_pair(max_idle);
+    let a = p.agent(SERVICE, password_key(), [1; 32]);
+    p.settle();
+    let mut answered = BTreeMap::new();
+    p.fill(a, &mut answered);
+    let parked_at = p.now;
+    p.run_until(parked_at + max_idle - ms(1));
+    assert!(p.pool_closed.is_empty());
+    p.run_until(parked_at + max_idle);
+    assert_eq!(
+        p.pool_closed.len(),
+        POOL,
+        "every connection retired at max_idle"
+    );
+    assert!(p
+        .pool_closed
+        .iter()
+        .all(|(t, _)| *t == parked_at + max_idle));
+    p.settle();
+    assert_eq!(p.prepares(a, &answered).len(), POOL, "and replaced at once");
+    assert_eq!(p.fill(a, &mut answered), POOL);
+    assert!(p.pool_failures().is_empty(), "retirement is not a failure");
+    assert!(p.session_ended(p.sides[a].conn).is_empty());
+}
+
+#[test]
+fn session_end_closes_the_pool_and_voids_its_tokens() {
+    let mut p = pooled_pair(Duration::from_secs(60));
+    let a = p.agent(SERVICE, password_key(), [1; 32]);
+    p.settle();
+    let mut answered = BTreeMap::new();
+    let reqs = p.prepares(a, &answered);
+    // Two park, one is still on its way when the agent goes away.
+    for r in &reqs[..2] {
+        answered.insert(r.request_id, ());
+        assert!(matches!(
+            p.redeem_any(&r.hello, false),
+            Ok(DataOutcome::Parked { .. })
+        ));
+    }
+    p.agent_close(a, ErrorCode::ShuttingDown);
+    p.settle();
+    assert_eq!(p.session_ended(p.sides[a].conn).len(), 1);
+    assert_eq!(p.pool_closed.len(), 2, "both parked connections closed");
+    assert!(p.parked.is_empty());
+    assert_eq!(
+        p.redeem_any(&reqs[2].hello, false).unwrap_err().code,
+        ErrorCode::TokenInvalid
+    );
+    assert_eq!(p.gw.pooled(SERVICE), 0);
+    assert_eq!(
+        p.client_route(1, SERVICE),
+        Err(ClientReject::AgentOffline(SERVICE.into()))
+    );
+}
+
+#[test]
+fn failing_pool_requests_back_off_exponentially() {
+    let mut p = pooled_pair(Duration::from_secs(600));
+    let a = p.agent(SERVICE, password_key(), [1; 32]);
+    p.settle();
+    let mut answered = BTreeMap::new();
+    // The agent cannot open data connections: every PREPARE is answered with CONNECT_FAILED.
+    for _ in 0..12 {
+        let reqs = p.await_prepares(a, &answered);
+        for r in reqs {
+            answered.insert(r.request_id, ());
+            let now = p.now;
+            p.sides[a].agent.connect_failed(
+                now,
+                r.request_id,
+                ErrorCode::Internal,
+                "gateway unreachable",
+            );
+        }
+        p.settle();
+    }
+    let delays: Vec<Duration> = p.pool_failures().iter().map(|(_, d)| *d).collect();
+    assert!(delays.windows(2).all(|w| w[0] <= w[1]), "{delays:?}");
+    assert_eq!(delays[0], ms(250));
+    assert_eq!(
+        *delays.last().unwrap(),
+        Duration::from_secs(30),
+        "capped at 30 s"
+    );
+    // Requests went out no faster than the backoff allowed.
+    let sent: Vec<Instant> = p.sides[a]
+        .down
+        .frames(0)
+        .into_iter()
+        .filter(|(_, m)| matches!(m, Message::Prepare(_)))
+        .map(|(t, _)| t)
+        .collect();
+    // Each batch went out no earlier than the backoff of the failure before it allowed.
+    for (t, retry_in) in p.pool_failures() {
+        if let Some(next) = sent.iter().find(|s| **s > t) {
+            assert!(
+                *next >= t + retry_in,
+                "PREPARE {:?} after a failure at {:?} with retry_in {retry_in:?}",
+                p.t(*next),
+                p.t(t)
+            );
+        }
+    }
+    let mut batches = sent.clone();
+    batches.dedup();
+    let gaps: Vec<Duration> = batches.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(gaps.windows(2).all(|w| w[0] <= w[1] + ms(20)), "{gaps:?}");
+    assert!(*gaps.last().unwrap() >= Duration::from_secs(30), "{gaps:?}");
+
+    // Once a pooled connection is used, the pool is healthy again: no more waiting.
+    let last = p.pool_failures().last().unwrap().0;
+    p.run_until(last + Duration::from_secs(30));
+    assert_eq!(p.fill(a, &mut answered), POOL);
+    let before = p.sides[a].down.frames(0).len();
+    assert!(matches!(
+        p.client_route(1, SERVICE),
+        Ok(ClientRoute::Pooled { .. })
+    ));
+    assert!(
+        p.sides[a].down.frames(0).len() > before,
+        "the used connection is replaced at once"
+    );
+}
+
+#[test]
+fn a_dead_pooled_connection_is_never_handed_out() {
+    let mut p = pooled_pair(Duration::from_secs(60));
+    let a = p.agent(SERVICE, password_key(), [1; 32]);
+    p.settle();
+    let mut answered = BTreeMap::new();
+    p.fill(a, &mut answered);
+    let dead: Vec<u64> = p.parked.keys().copied().collect();
+    for id in &dead {
+        p.pooled_gone(*id);
+    }
+    assert_eq!(p.gw.pooled(SERVICE), 0);
+    // Reporting it twice, or reporting one that was handed out, changes nothing.
+    p.pooled_gone(dead[0]);
+    assert_eq!(
+        p.client_route(1, SERVICE).unwrap(),
+        ClientRoute::Requested,
+        "no dead connection is handed to a client"
+    );
+    assert_eq!(p.pool_failures().len(), POOL);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Random interleavings of clients, pool fills, deaths, age-outs and session ends: a
+    /// pooled connection is bound at most once, only while parked, and never after it was
+    /// closed (the harness asserts each of these as it drives).
+    #[test]
+    fn pool_operations_keep_their_invariants(ops in proptest::collection::vec(0u8..6, 1..60)) {
+        let mut p = pooled_pair(ms(3000));
+        let mut a = p.agent(SERVICE, password_key(), [1; 32]);
+        p.settle();
+        let mut answered = BTreeMap::new();
+        let mut next_client = 1u64;
+        let mut exporter = 2u8;
+        for op in ops {
+            match op {
+                0 => p.fill_some(a, &mut answered),
+                1 | 2 => {
+                    let _ = p.client_route(next_client, SERVICE);
+                    next_client += 1;
+                    p.settle();
+                }
+                3 => {
+                    if let Some(&id) = p.parked.keys().next() {
+                        p.pooled_gone(id);
+                    }
+                }
+                4 => p.run_for(ms(1000)),
+                _ => {
+                    p.agent_close(a, ErrorCode::ShuttingDown);
+                    p.settle();
+                    prop_assert!(p.parked.is_empty(), "session end leaves nothing parked");
+                    a = p.agent(SERVICE, password_key(), [exporter; 32]);
+                    exporter = exporter.wrapping_add(1);
+                    p.settle();
+                }
+            }
+            prop_assert!(p.gw.pooled(SERVICE) <= POOL);
+            prop_assert_eq!(p.gw.pooled(SERVICE), p.parked.len());
+        }
     }
 }

@@ -12,8 +12,8 @@ use std::path::PathBuf;
 use dialback_core::crypto::{PasswordKey, SessionKeys};
 use dialback_core::data::{encode_accept, encode_data_hello, Classified, Intake, IntakeError};
 use dialback_core::wire::{
-    encode_preamble, parse_preamble, ConnKind, Connect, ConnectFailed, DataHello, ErrorFrame,
-    FrameDecoder, Hello, Message, Welcome, WireError,
+    encode_preamble, parse_preamble, ConnKind, Connect, ConnectFailed, DataBind, DataHello,
+    ErrorFrame, FrameDecoder, Hello, Message, Prepare, Welcome, WireError,
 };
 use dialback_core::ErrorCode;
 use serde::Deserialize;
@@ -361,6 +361,14 @@ fn message(name: &str, f: &Value, what: &str) -> Message {
         }),
         "DATA_HELLO" => Message::DataHello(data_hello(f, what)),
         "DATA_ACCEPT" => Message::DataAccept,
+        "PREPARE" => Message::Prepare(Prepare {
+            request_id: f_id(f, "request_id", what),
+            token: f_bytes32(f, "token", what),
+        }),
+        "DATA_BIND" => Message::DataBind(DataBind {
+            client: f_addr(f, "client", what),
+            public: f_addr(f, "public", what),
+        }),
         "EXTENSION" => Message::Ignorable(f_u8(f, "type", what)),
         other => panic!("{what}: unknown message {other:?} in the vectors"),
     }
@@ -415,8 +423,10 @@ fn frame_tables() {
         ("CONNECT", msg_type::CONNECT),
         ("CONNECT_FAILED", msg_type::CONNECT_FAILED),
         ("ERROR", msg_type::ERROR),
+        ("PREPARE", msg_type::PREPARE),
         ("DATA_HELLO", msg_type::DATA_HELLO),
         ("DATA_ACCEPT", msg_type::DATA_ACCEPT),
+        ("DATA_BIND", msg_type::DATA_BIND),
     ];
     let ours: std::collections::BTreeMap<String, u8> =
         ours.iter().map(|(n, t)| (n.to_string(), *t)).collect();

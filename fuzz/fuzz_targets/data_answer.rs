@@ -2,16 +2,16 @@
 //!
 //! Input layout: byte 0 = split size (0 = feed whole), rest = stream.
 //!
-//! Invariants: only a prefix is consumed; `Ok(false)` consumes the whole slice; on `Ok(true)`
-//! exactly one DATA_ACCEPT frame (3 bytes, 0x11 0x00 0x00) was consumed and everything after
-//! it is left for the caller; an error is sticky in the sense that chunking does not change
-//! which result comes first.
+//! Invariants: only a prefix is consumed; `Ok(None)` consumes the whole slice; on
+//! `Ok(Some(answer))` exactly one frame was consumed, DATA_ACCEPT (3 bytes, 0x11 0x00 0x00) or
+//! a DATA_BIND that re-encodes to the same bytes, and everything after it is left for the
+//! caller; chunking does not change which result comes first.
 #![no_main]
 
-use dialback_core::data::{encode_accept, AnswerDecoder, DataAnswerError};
+use dialback_core::data::{encode_accept, encode_bind, AnswerDecoder, DataAnswer, DataAnswerError};
 use libfuzzer_sys::fuzz_target;
 
-fn run(stream: &[u8], split: usize) -> Result<Option<usize>, DataAnswerError> {
+fn run(stream: &[u8], split: usize) -> Result<Option<(usize, DataAnswer)>, DataAnswerError> {
     let mut d = AnswerDecoder::new();
     let mut pos = 0;
     while pos < stream.len() {
@@ -20,8 +20,8 @@ fn run(stream: &[u8], split: usize) -> Result<Option<usize>, DataAnswerError> {
         let mut c = chunk;
         let res = d.handle_input(&mut c);
         assert_eq!(c, &chunk[chunk.len() - c.len()..], "consumed a non-prefix");
-        if res? {
-            return Ok(Some(pos + chunk.len() - c.len()));
+        if let Some(answer) = res? {
+            return Ok(Some((pos + chunk.len() - c.len(), answer)));
         }
         assert!(c.is_empty(), "no answer yet but {} bytes left unconsumed", c.len());
         pos += n;
@@ -35,8 +35,11 @@ fuzz_target!(|data: &[u8]| {
     };
     let res = run(stream, usize::from(split));
     assert_eq!(res, run(stream, 0), "chunking changed the outcome");
-    if let Ok(Some(consumed)) = res {
-        let accept = encode_accept();
-        assert_eq!(&stream[..consumed], &accept[..], "accepted something else than DATA_ACCEPT");
+    if let Ok(Some((consumed, answer))) = res {
+        let expected = match answer {
+            DataAnswer::Accept => encode_accept(),
+            DataAnswer::Bind(b) => encode_bind(b.client, b.public),
+        };
+        assert_eq!(&stream[..consumed], &expected[..], "consumed bytes are not the answer's frame");
     }
 });

@@ -16,6 +16,11 @@
 //! - no `Transmit` for a connection after its `Close`; `Close` at most once per connection;
 //! - every `ClientId` is resolved at most once (paired, `ClientFailed`, or gone), and only
 //!   clients that were accepted are ever failed or paired;
+//! - pool: a PREPARE goes only to a registered connection; its token parks a connection
+//!   (`DataOutcome::Parked`) and never pairs a client, a CONNECT's token never parks; a pooled
+//!   connection is handed to at most one client (`ClientRoute::Pooled`), only while parked, of
+//!   the service the client asked for, with a DATA_BIND naming that client; `ClosePooled` only
+//!   for a parked connection that was not handed out; a pooled route sends no CONNECT;
 //! - after `handle_timeout(now)` with every output drained, `poll_timeout()` is `None` or
 //!   later than `now`; with outputs queued it is not later than `now`.
 //!
@@ -31,7 +36,8 @@ use arbitrary::Arbitrary;
 use dialback_core::crypto::{PasswordKey, SessionKeys};
 use dialback_core::error::ErrorCode;
 use dialback_core::gateway::{
-    ClientId, ConnId, Gateway, GatewayConfig, GatewayEvent, GatewayOutput, ServiceConfig,
+    ClientId, ClientRoute, ConnId, DataOutcome, Gateway, GatewayConfig, GatewayEvent, GatewayOutput,
+    ServiceConfig,
 };
 use dialback_core::wire::{ConnectFailed, DataHello, ErrorFrame, FrameDecoder, Hello, Message};
 use dialback_core::Timing;
@@ -65,6 +71,7 @@ enum Op {
     Advance(u16),
     AdvanceSecs(u8),
     Timeout,
+    PooledGone { pick: u8 },
 }
 
 struct ConnInfo {
@@ -85,7 +92,8 @@ struct TokenInfo {
     token: [u8; 32],
     service: String,
     session_id: u64,
-    client: usize,
+    /// `None` for a PREPARE (pool) token.
+    client: Option<usize>,
     conn: usize,
     expires: Instant,
 }
@@ -108,6 +116,10 @@ struct H {
     ttl: Duration,
     now: Instant,
     decoders: HashMap<ConnId, FrameDecoder>,
+    /// Parked pooled connections: id -> (service, control connection index).
+    parked: HashMap<u64, (String, usize)>,
+    /// Pooled connections handed to a client or closed; never seen again.
+    finished_pooled: HashSet<u64>,
 }
 
 impl H {
@@ -139,7 +151,22 @@ impl H {
                                     token: c.token,
                                     service,
                                     session_id,
-                                    client,
+                                    client: Some(client),
+                                    conn: ci,
+                                    expires: self.now + self.ttl,
+                                });
+                            }
+                            Message::Prepare(p) => {
+                                let (service, session_id) = self.conns[ci]
+                                    .registered
+                                    .clone()
+                                    .expect("PREPARE to an unregistered connection");
+                                self.tokens.push(TokenInfo {
+                                    request_id: p.request_id,
+                                    token: p.token,
+                                    service,
+                                    session_id,
+                                    client: None,
                                     conn: ci,
                                     expires: self.now + self.ttl,
                                 });
@@ -153,6 +180,10 @@ impl H {
                     let ci = self.conn_index[&conn];
                     assert!(!self.conns[ci].closed_out, "Close twice for {conn:?}");
                     self.conns[ci].closed_out = true;
+                }
+                GatewayOutput::ClosePooled { pooled } => {
+                    assert!(self.parked.remove(&pooled).is_some(), "ClosePooled for {pooled}, which is not parked");
+                    assert!(self.finished_pooled.insert(pooled));
                 }
                 GatewayOutput::ClientFailed { client, .. } => {
                     let i = self.client_index[&client];
@@ -192,8 +223,22 @@ fuzz_target!(|ops: Vec<Op>| {
     let epoch = Instant::now();
     let timing = Timing::default();
     let services = vec![
-        ServiceConfig { name: "web".into(), password_key: password("web"), data_tls: false, max_pending: 3 },
-        ServiceConfig { name: "secure".into(), password_key: password("secure"), data_tls: true, max_pending: 2 },
+        ServiceConfig {
+            name: "web".into(),
+            password_key: password("web"),
+            data_tls: false,
+            max_pending: 3,
+            pool: 2,
+            pool_max_idle: Duration::from_secs(50),
+        },
+        ServiceConfig {
+            name: "secure".into(),
+            password_key: password("secure"),
+            data_tls: true,
+            max_pending: 2,
+            pool: 0,
+            pool_max_idle: Duration::from_secs(50),
+        },
     ];
     let gw = Gateway::new(GatewayConfig { timing, services }, [9; 32]);
     let mut h = H {
@@ -209,6 +254,8 @@ fuzz_target!(|ops: Vec<Op>| {
         ttl: timing.token_ttl,
         now: epoch,
         decoders: HashMap::new(),
+        parked: HashMap::new(),
+        finished_pooled: HashSet::new(),
     };
     let peer: SocketAddr = "192.0.2.1:5000".parse().unwrap();
     let mut next_id = 1u64;
@@ -292,9 +339,25 @@ fuzz_target!(|ops: Vec<Op>| {
                 h.drain();
                 h.asking = None;
                 match res {
-                    Ok(()) => {
+                    Ok(ClientRoute::Requested) => {
                         assert_eq!(h.connects_seen, before + 1, "accepted client but no CONNECT");
                         h.clients[idx].accepted = true;
+                    }
+                    Ok(ClientRoute::Pooled { pooled, bind, session_id }) => {
+                        assert_eq!(h.connects_seen, before, "pooled client but a CONNECT went out");
+                        let (svc, ci) = h.parked.remove(&pooled).expect("handed out a connection that is not parked");
+                        assert!(h.finished_pooled.insert(pooled), "pooled connection handed out twice");
+                        assert_eq!(svc, service, "pooled connection of another service");
+                        assert!(!h.conns[ci].closed_out, "pooled connection of a closed session");
+                        assert_eq!(h.conns[ci].registered.as_ref().map(|r| r.1), Some(session_id));
+                        let mut rest = &bind[..];
+                        match FrameDecoder::new().decode(&mut rest) {
+                            Ok(Some(Message::DataBind(b))) => assert_eq!((b.client, b.public), (addr, addr)),
+                            other => panic!("bind bytes are not a DATA_BIND: {other:?}"),
+                        }
+                        assert!(rest.is_empty());
+                        h.clients[idx].accepted = true;
+                        h.clients[idx].resolved = true;
                     }
                     Err(_) => {
                         assert_eq!(h.connects_seen, before, "refused client but a CONNECT went out");
@@ -340,6 +403,18 @@ fuzz_target!(|ops: Vec<Op>| {
             }
             Op::Advance(ms) => h.now += Duration::from_millis(u64::from(ms)),
             Op::AdvanceSecs(s) => h.now += Duration::from_secs(u64::from(s % 128)),
+            Op::PooledGone { pick } => {
+                let mut ids: Vec<u64> = h.parked.keys().copied().collect();
+                ids.extend(h.finished_pooled.iter().copied().take(2));
+                if ids.is_empty() {
+                    continue;
+                }
+                ids.sort_unstable();
+                let id = ids[usize::from(pick) % ids.len()];
+                h.gw.handle_pooled_gone(h.now, id, "fuzz");
+                h.parked.remove(&id);
+                h.finished_pooled.insert(id);
+            }
             Op::Timeout => {
                 h.gw.handle_timeout(h.now);
                 check_queued(&mut h);
@@ -369,7 +444,26 @@ fn check_queued(h: &mut H) {
 fn data_hello(h: &mut H, hello: &DataHello, tls: bool) {
     let res = h.gw.handle_data_hello(h.now, hello, tls);
     h.drain();
-    let Ok(p) = res else { return };
+    let p = match res {
+        Err(_) => return,
+        Ok(DataOutcome::Paired(p)) => p,
+        Ok(DataOutcome::Parked { pooled, service, session_id }) => {
+            assert_eq!(pooled, hello.request_id);
+            assert!(h.redeemed.insert(pooled), "request {pooled} redeemed twice");
+            let t = h.tokens.iter().find(|t| t.request_id == pooled).expect("parked a request id never sent");
+            assert!(t.client.is_none(), "a CONNECT token parked a connection");
+            assert_eq!((hello.token, &hello.service, hello.session_id), (t.token, &t.service, t.session_id));
+            assert_eq!((service.as_str(), session_id), (t.service.as_str(), t.session_id));
+            assert!(h.now < t.expires, "parked with an expired token");
+            assert!(!h.conns[t.conn].closed_out, "parked for a closed control connection");
+            if t.service == "secure" {
+                assert!(tls, "parked a TLS-only service's connection without TLS");
+            }
+            let conn = t.conn;
+            assert!(h.parked.insert(pooled, (service, conn)).is_none());
+            return;
+        }
+    };
     assert!(h.redeemed.insert(p.request_id), "request {} redeemed twice", p.request_id);
     assert_eq!(p.request_id, hello.request_id);
     let t = h
@@ -387,7 +481,7 @@ fn data_hello(h: &mut H, hello: &DataHello, tls: bool) {
     if t.service == "secure" {
         assert!(tls, "paired a TLS-only service without TLS");
     }
-    let c = &mut h.clients[t.client];
+    let c = &mut h.clients[t.client.expect("a PREPARE token paired a client")];
     assert_eq!(p.client, c.id, "Paired.client is not the client that asked");
     assert!(c.accepted);
     assert!(!c.resolved, "{:?} resolved twice (paired)", c.id);

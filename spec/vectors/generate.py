@@ -45,8 +45,10 @@ HEARTBEAT = 0x03
 CONNECT = 0x04
 CONNECT_FAILED = 0x05
 ERROR = 0x06
+PREPARE = 0x07
 DATA_HELLO = 0x10
 DATA_ACCEPT = 0x11
+DATA_BIND = 0x12
 FIRST_IGNORABLE = 0x80
 
 TYPE_NAMES = {
@@ -56,8 +58,10 @@ TYPE_NAMES = {
     CONNECT: "CONNECT",
     CONNECT_FAILED: "CONNECT_FAILED",
     ERROR: "ERROR",
+    PREPARE: "PREPARE",
     DATA_HELLO: "DATA_HELLO",
     DATA_ACCEPT: "DATA_ACCEPT",
+    DATA_BIND: "DATA_BIND",
 }
 TYPE_BY_NAME = {v: k for k, v in TYPE_NAMES.items()}
 
@@ -273,6 +277,10 @@ def encode(msg, f):
         p = u16(f["code"]) + str16(f["message"])
     elif msg == "DATA_HELLO":
         p = str8(f["service"]) + u64(int(f["session_id"])) + u64(int(f["request_id"])) + h(f["token"])
+    elif msg == "PREPARE":
+        p = u64(int(f["request_id"])) + h(f["token"])
+    elif msg == "DATA_BIND":
+        p = addr(f["client"]) + addr(f["public"])
     elif msg == "EXTENSION":
         return frame(f["type"], h(f.get("payload", "")))
     else:
@@ -401,6 +409,10 @@ def decode_frame(data):
             "request_id": str(r.int(8)),
             "token": r.take(32).hex(),
         }
+    elif name == "PREPARE":
+        f = {"request_id": str(r.int(8)), "token": r.take(32).hex()}
+    elif name == "DATA_BIND":
+        f = {"client": r.addr(), "public": r.addr()}
     r.finish()
     return name, f, used
 
@@ -766,6 +778,22 @@ def build_frames():
         },
     )
     add("DATA_ACCEPT", "DATA_ACCEPT", {})
+    add(
+        "PREPARE, typical",
+        "PREPARE",
+        {"request_id": str(0x0123456789ABCDEF), "token": fixed("frame token 5", 32).hex()},
+    )
+    add(
+        "DATA_BIND, IPv4 client and public address",
+        "DATA_BIND",
+        {"client": "203.0.113.7:51000", "public": "198.51.100.1:443"},
+    )
+    add(
+        "DATA_BIND, IPv6 client, no public address",
+        "DATA_BIND",
+        {"client": "[2001:db8::7]:40000", "public": None},
+    )
+    add("DATA_BIND, no addresses", "DATA_BIND", {"client": None, "public": None})
     add("extension 0x80 (first ignorable type), empty", "EXTENSION", {"type": 0x80})
     add("extension 0xff, empty", "EXTENSION", {"type": 0xFF})
     add(
@@ -795,8 +823,10 @@ def build_frames():
     bad("length 4097 on an unknown type: length is checked first", bytes.fromhex("421001"), "FrameTooLarge", 4097)
     bad("unknown type 0x42", bytes.fromhex("420000"), "UnknownType", 0x42)
     bad("unknown type 0x00", bytes.fromhex("000000"), "UnknownType", 0x00)
-    bad("unknown type 0x07 (first unassigned after ERROR)", bytes.fromhex("070000"), "UnknownType", 0x07)
-    bad("unknown type 0x12 (first unassigned after DATA_ACCEPT)", bytes.fromhex("120000"), "UnknownType", 0x12)
+    bad("unknown type 0x08 (first unassigned after PREPARE)", bytes.fromhex("080000"), "UnknownType", 0x08)
+    bad("unknown type 0x13 (first unassigned after DATA_BIND)", bytes.fromhex("130000"), "UnknownType", 0x13)
+    bad("PREPARE truncated (token cut short)", frame(PREPARE, bytes(39)), "Malformed", None, "PREPARE", "truncated")
+    bad("DATA_BIND with a trailing byte", frame(DATA_BIND, b"\x00\x00\x00"), "Malformed", None, "DATA_BIND", "trailing bytes")
     bad("unknown type 0x7f with a payload", bytes.fromhex("7f000100"), "UnknownType", 0x7F)
     bad("HEARTBEAT with one trailing byte", bytes.fromhex("03000100"), "Malformed", None, "HEARTBEAT", "trailing bytes")
     bad("DATA_ACCEPT with two trailing bytes", bytes.fromhex("110002abcd"), "Malformed", None, "DATA_ACCEPT", "trailing bytes")
