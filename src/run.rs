@@ -8,7 +8,7 @@ use dialback_tokio::agent;
 use dialback_tokio::gateway::BoundGateway;
 use dialback_tokio::settings::{
     AgentService, AgentSettings, GatewayService, GatewaySettings, GatewayTrust, IdentitySource,
-    Secret, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_PENDING,
+    Secret, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_PENDING, DEFAULT_POOL, DEFAULT_POOL_MAX_IDLE,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -91,6 +91,8 @@ async fn demo_async(opts: DemoOptions) -> anyhow::Result<()> {
             tcp_listen: Some(SocketAddr::from((loopback, opts.public_port))),
             data_tls: false,
             max_pending: DEFAULT_MAX_PENDING,
+            pool: DEFAULT_POOL,
+            pool_max_idle: DEFAULT_POOL_MAX_IDLE,
         }],
         admin_listen: Some(SocketAddr::from((loopback, 0))),
         http: None,

@@ -1,5 +1,6 @@
 //! The agent on tokio: one control connection per service, reconnecting with backoff; a fresh
-//! data connection back to the gateway for every public client.
+//! data connection back to the gateway for every public client, or ready in advance in the
+//! gateway's pool.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -7,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use dialback_core::agent::{AgentControl, AgentEvent, ConnectRequest};
 use dialback_core::crypto::PasswordKey;
-use dialback_core::data::{encode_data_hello, AnswerDecoder};
+use dialback_core::data::{encode_data_hello, AnswerDecoder, DataAnswer};
 use dialback_core::{ErrorCode, Timing};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
@@ -289,6 +290,9 @@ async fn session(
     );
     let (mut rd, mut wr) = tokio::io::split(stream);
     let (failed_tx, mut failed_rx) = mpsc::unbounded_channel::<(u64, ErrorCode, String)>();
+    // Dropped when this session ends: pooled data connections still waiting for a client
+    // belong to it and close with it.
+    let (_session_alive, session_ended) = watch::channel(());
     let mut buf = vec![0u8; 4096];
     loop {
         while let Some(bytes) = ctrl.poll_transmit() {
@@ -325,6 +329,7 @@ async fn session(
                         svc.name.clone(),
                         req,
                         failed_tx.clone(),
+                        session_ended.clone(),
                     ));
                 }
                 AgentEvent::Closed(e) => {
@@ -354,6 +359,7 @@ async fn data_task(
     service: String,
     req: ConnectRequest,
     failed: mpsc::UnboundedSender<(u64, ErrorCode, String)>,
+    mut session_ended: watch::Receiver<()>,
 ) {
     let id = req.request_id;
     let metrics = ctx.metrics.clone();
@@ -367,40 +373,78 @@ async fn data_task(
         .client
         .map(|a| a.to_string())
         .unwrap_or_else(|| "-".into());
-    let mut gw = match dial(&ctx, req.data_tls).await {
+    let opened = async {
+        let mut gw = dial(&ctx, req.data_tls).await.map_err(|e| e.to_string())?;
+        tokio::time::timeout(
+            ctx.connect_timeout,
+            gw.write_all(&encode_data_hello(&req.hello)),
+        )
+        .await
+        .map_err(|_| "gateway did not take the data hello in time".to_owned())?
+        .map_err(|e| e.to_string())?;
+        Ok::<_, String>(gw)
+    };
+    let mut gw = match opened.await {
         Ok(s) => s,
         Err(e) => {
             fail("connect");
-            warn!(%service, %client, "cannot open data connection: {e}");
-            let _ = failed.send((id, ErrorCode::Internal, e.to_string()));
+            let what = if req.pooled { "pooled " } else { "" };
+            warn!(%service, %client, "cannot open {what}data connection: {e}");
+            let _ = failed.send((id, ErrorCode::Internal, e));
             return;
         }
     };
     let answer = async {
-        gw.write_all(&encode_data_hello(&req.hello))
-            .await
-            .map_err(|e| e.to_string())?;
         let mut dec = AnswerDecoder::new();
         let mut buf = [0u8; 512];
         loop {
             let n = gw.read(&mut buf).await.map_err(|e| e.to_string())?;
             if n == 0 {
-                return Err("gateway closed the data connection before answering".to_owned());
+                return Err(None);
             }
             let mut input = &buf[..n];
-            if dec.handle_input(&mut input).map_err(|e| e.to_string())? {
-                return Ok(input.to_vec());
+            if let Some(a) = dec
+                .handle_input(&mut input)
+                .map_err(|e| Some(e.to_string()))?
+            {
+                return Ok((a, input.to_vec()));
             }
         }
     };
-    let early = match tokio::time::timeout(ctx.connect_timeout, answer).await {
-        Ok(Ok(early)) => early,
-        Ok(Err(e)) => {
+    let answer = if req.pooled {
+        // Parked at the gateway until a client comes, the gateway retires it, or the session
+        // that asked for it ends.
+        tokio::select! {
+            r = answer => Some(r),
+            _ = session_ended.changed() => None,
+        }
+    } else {
+        tokio::time::timeout(ctx.connect_timeout, answer).await.ok()
+    };
+    let (client, early) = match answer {
+        Some(Ok((DataAnswer::Accept, early))) => (client, early),
+        Some(Ok((DataAnswer::Bind(b), early))) => (
+            b.client
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "-".into()),
+            early,
+        ),
+        Some(Err(None)) if req.pooled => {
+            debug!(%service, "pooled data connection retired by the gateway");
+            return;
+        }
+        Some(Err(e)) => {
+            let e =
+                e.unwrap_or_else(|| "gateway closed the data connection before answering".into());
             fail("refused");
             warn!(%service, %client, "data connection refused: {e}");
             return;
         }
-        Err(_) => {
+        None if req.pooled => {
+            debug!(%service, "pooled data connection dropped: its control session ended");
+            return;
+        }
+        None => {
             fail("timeout");
             warn!(%service, %client, "no answer to data hello within {:?}", ctx.connect_timeout);
             return;
@@ -421,7 +465,7 @@ async fn data_task(
             }
         };
     let _ = local_conn.set_nodelay(true);
-    debug!(%service, %client, "relaying");
+    debug!(%service, %client, pooled = req.pooled, "relaying");
     let Some(svc) = svc else { return };
     let conn = svc.data_connection_opened();
     // Local service -> gateway is the "down" direction, towards the public client.

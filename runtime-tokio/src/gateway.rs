@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use dialback_core::crypto::PasswordKey;
 use dialback_core::data::{encode_accept, encode_error, Classified, Intake};
 use dialback_core::gateway::{
-    ClientId, ClientReject, ConnId, Gateway, GatewayConfig, GatewayEvent, GatewayOutput,
-    ServiceConfig,
+    ClientId, ClientReject, ClientRoute, ConnId, DataOutcome, Gateway, GatewayConfig, GatewayEvent,
+    GatewayOutput, ServiceConfig,
 };
 use dialback_core::ErrorCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -59,6 +59,12 @@ pub(crate) struct DataConn {
     pub(crate) early: Vec<u8>,
 }
 
+/// Hands a parked pooled connection to a client: write `bind` to it, then give it away.
+struct BindCmd {
+    bind: Vec<u8>,
+    reply: oneshot::Sender<DataConn>,
+}
+
 /// A public client waiting for its data connection.
 struct Waiting {
     tx: oneshot::Sender<DataConn>,
@@ -70,6 +76,8 @@ struct Inner {
     core: Gateway,
     conns: HashMap<ConnId, mpsc::UnboundedSender<CtrlCmd>>,
     clients: HashMap<ClientId, Waiting>,
+    /// Parked pooled data connections, each waiting in its own task for a client.
+    pooled: HashMap<u64, (String, oneshot::Sender<BindCmd>)>,
     /// Registered control connections and their service, for liveness metrics.
     registered: HashMap<ConnId, String>,
 }
@@ -109,6 +117,13 @@ impl Shared {
                         let _ = tx.send(CtrlCmd::Close);
                     }
                 }
+                GatewayOutput::ClosePooled { pooled } => {
+                    // Dropping the sender wakes the parked task, which closes the connection.
+                    if let Some((service, _)) = inner.pooled.remove(&pooled) {
+                        debug!(%service, pooled, "closing pooled data connection");
+                        self.sync_pool(inner, &service);
+                    }
+                }
                 GatewayOutput::ClientFailed {
                     client,
                     code,
@@ -130,6 +145,13 @@ impl Shared {
 }
 
 impl Shared {
+    /// Publishes the number of parked connections of `service`.
+    fn sync_pool(&self, inner: &Inner, service: &str) {
+        if let Some(m) = self.metrics.service(service) {
+            m.set_pool_connections(inner.core.pooled(service) as u64);
+        }
+    }
+
     /// Logs a core event once, with its reason, and counts it.
     fn record_event(&self, inner: &mut Inner, e: GatewayEvent) {
         match e {
@@ -169,7 +191,19 @@ impl Shared {
                     m.agent_gone(session_id);
                 }
                 inner.registered.remove(&conn);
+                self.sync_pool(inner, &service);
                 warn!(conn = conn.0, %service, session = session_id, "agent session ended: {reason}");
+            }
+            GatewayEvent::PoolRequestFailed {
+                service,
+                reason,
+                retry_in,
+            } => {
+                if let Some(m) = self.metrics.service(&service) {
+                    m.pool_failure();
+                }
+                self.sync_pool(inner, &service);
+                warn!(%service, "{reason}; refilling the pool in {retry_in:?}");
             }
         }
     }
@@ -213,6 +247,8 @@ impl BoundGateway {
                     name: s.name,
                     data_tls: s.data_tls,
                     max_pending: s.max_pending,
+                    pool: s.pool,
+                    pool_max_idle: s.pool_max_idle,
                 })
                 .collect::<Vec<_>>()
         })
@@ -259,6 +295,7 @@ impl BoundGateway {
                 core,
                 conns: HashMap::new(),
                 clients: HashMap::new(),
+                pooled: HashMap::new(),
                 registered: HashMap::new(),
             }),
             timer: Notify::new(),
@@ -561,18 +598,33 @@ async fn data_conn(
     early: Vec<u8>,
 ) {
     let tls = stream.is_tls();
-    let waiting = {
+    let outcome = {
         let mut inner = shared.lock();
         let r = inner.core.handle_data_hello(Instant::now(), &hello, tls);
-        let waiting = match r {
-            Ok(p) => inner.clients.remove(&p.client).map(|w| (p, w)).ok_or(None),
+        let outcome = match r {
+            Ok(DataOutcome::Paired(p)) => inner
+                .clients
+                .remove(&p.client)
+                .map(|w| Ok((p, w)))
+                .ok_or(None),
+            Ok(DataOutcome::Parked {
+                pooled, service, ..
+            }) => {
+                let (tx, rx) = oneshot::channel();
+                inner.pooled.insert(pooled, (service.clone(), tx));
+                shared.sync_pool(&inner, &service);
+                Ok(Err((pooled, service, rx)))
+            }
             Err(rej) => Err(Some(rej)),
         };
         shared.drive(&mut inner);
-        waiting
+        outcome
     };
-    let (paired, waiting) = match waiting {
-        Ok(v) => v,
+    let (paired, waiting) = match outcome {
+        Ok(Ok(v)) => v,
+        Ok(Err((pooled, service, rx))) => {
+            return park(shared, stream, peer, pooled, service, early, rx).await
+        }
         Err(rej) => {
             let (code, msg) = match rej {
                 Some(r) => (r.code, r.message),
@@ -597,6 +649,67 @@ async fn data_conn(
     }
     debug!(%peer, service = %paired.service, request = paired.request_id, "data connection paired");
     let _ = waiting.tx.send(DataConn { stream, early });
+}
+
+/// Holds a pooled data connection until the core binds it to a client (a [`BindCmd`] arrives)
+/// or closes it (the sender is dropped). Anything the agent sends meanwhile, EOF included,
+/// means the connection is unusable: it is reported gone and closed, never handed out.
+async fn park(
+    shared: Arc<Shared>,
+    mut stream: MaybeTls,
+    peer: SocketAddr,
+    pooled: u64,
+    service: String,
+    early: Vec<u8>,
+    rx: oneshot::Receiver<BindCmd>,
+) {
+    debug!(%peer, %service, pooled, "data connection parked in the pool");
+    let mut probe = [0u8; 1];
+    let gone = if !early.is_empty() {
+        Err("the agent sent payload before DATA_BIND".to_owned())
+    } else {
+        tokio::select! {
+            biased;
+            cmd = rx => Ok(cmd.ok()),
+            r = stream.read(&mut probe) => Err(match r {
+                Ok(0) => "closed by the agent".to_owned(),
+                Ok(_) => "the agent sent payload before DATA_BIND".to_owned(),
+                Err(e) => format!("read failed: {e}"),
+            }),
+        }
+    };
+    let cmd = match gone {
+        Ok(Some(cmd)) => cmd,
+        Ok(None) => {
+            // Closed by the core: aged out, or its session ended.
+            let _ = tokio::time::timeout(shared.handshake_timeout, stream.shutdown()).await;
+            return;
+        }
+        Err(reason) => {
+            let mut inner = shared.lock();
+            if inner.pooled.remove(&pooled).is_some() {
+                inner
+                    .core
+                    .handle_pooled_gone(Instant::now(), pooled, &reason);
+                shared.sync_pool(&inner, &service);
+                shared.drive(&mut inner);
+            }
+            debug!(%peer, %service, pooled, "pooled data connection dropped: {reason}");
+            return;
+        }
+    };
+    let wrote = tokio::time::timeout(shared.handshake_timeout, stream.write_all(&cmd.bind)).await;
+    match wrote {
+        Ok(Ok(())) => {
+            let _ = cmd.reply.send(DataConn {
+                stream,
+                early: Vec::new(),
+            });
+        }
+        // Dropping the reply makes the client try the next connection.
+        Ok(Err(e)) => debug!(%peer, %service, pooled, "pooled data connection failed at bind: {e}"),
+        Err(_) => debug!(%peer, %service, pooled, "pooled data connection stalled at bind"),
+    }
 }
 
 async fn client_accept_loop(shared: Arc<Shared>, service: String, listener: TcpListener) {
@@ -636,39 +749,89 @@ pub(crate) async fn open_data(
     peer: SocketAddr,
     public: Option<SocketAddr>,
 ) -> Result<DataConn, OpenError> {
-    let id = ClientId(shared.next_id());
-    let (tx, rx) = oneshot::channel();
     let svc = shared.metrics.service(service);
-    {
-        let mut inner = shared.lock();
-        let since = Instant::now();
-        inner.clients.insert(
-            id,
-            Waiting {
-                tx,
-                service: service.to_owned(),
-                since,
-            },
-        );
-        let r = inner
-            .core
-            .handle_client(Instant::now(), id, service, Some(peer), public);
-        if let Err(e) = r {
-            inner.clients.remove(&id);
+    let since = Instant::now();
+    // Each failed pooled connection leaves the pool, so this ends after at most the pool's
+    // size in retries; the bound only guards against a bug.
+    for _ in 0..=crate::settings::MAX_POOL {
+        let id = ClientId(shared.next_id());
+        let (tx, rx) = oneshot::channel();
+        let route = {
+            let mut inner = shared.lock();
+            let r = inner
+                .core
+                .handle_client(Instant::now(), id, service, Some(peer), public);
+            let route = match r {
+                Ok(ClientRoute::Requested) => {
+                    inner.clients.insert(
+                        id,
+                        Waiting {
+                            tx,
+                            service: service.to_owned(),
+                            since,
+                        },
+                    );
+                    Ok(None)
+                }
+                Ok(ClientRoute::Pooled { pooled, bind, .. }) => {
+                    let parked = inner.pooled.remove(&pooled).map(|(_, p)| p);
+                    shared.sync_pool(&inner, service);
+                    Ok(Some((pooled, bind, parked)))
+                }
+                Err(e) => Err(e),
+            };
             shared.drive(&mut inner);
-            drop(inner);
-            if let Some(m) = svc {
-                m.client_refused(match e {
-                    ClientReject::UnknownService(_) => "unknown_service",
-                    ClientReject::AgentOffline(_) => "agent_offline",
-                    ClientReject::Overloaded { .. } => "overloaded",
-                });
+            route
+        };
+        match route {
+            Err(e) => {
+                if let Some(m) = svc {
+                    m.client_refused(match e {
+                        ClientReject::UnknownService(_) => "unknown_service",
+                        ClientReject::AgentOffline(_) => "agent_offline",
+                        ClientReject::Overloaded { .. } => "overloaded",
+                    });
+                }
+                info!(%peer, %service, "client refused: {e}");
+                return Err(e.into());
             }
-            info!(%peer, %service, "client refused: {e}");
-            return Err(e.into());
+            Ok(None) => return await_dialback(shared, service, peer, id, rx).await,
+            Ok(Some((pooled, bind, parked))) => {
+                let (reply, got) = oneshot::channel();
+                let sent = parked.map(|p| p.send(BindCmd { bind, reply }).is_ok());
+                if sent != Some(true) {
+                    let mut inner = shared.lock();
+                    inner.core.handle_pooled_gone(
+                        Instant::now(),
+                        pooled,
+                        "closed before it was used",
+                    );
+                    shared.drive(&mut inner);
+                    continue;
+                }
+                if let Ok(Ok(d)) = tokio::time::timeout(shared.handshake_timeout, got).await {
+                    if let Some(m) = svc {
+                        m.pairing_latency(since.elapsed());
+                    }
+                    debug!(%peer, %service, pooled, "client bound to a pooled data connection");
+                    return Ok(d);
+                }
+                debug!(%peer, %service, pooled, "pooled data connection failed at bind; trying again");
+            }
         }
-        shared.drive(&mut inner);
     }
+    warn!(%peer, %service, "client dropped: no usable pooled data connection");
+    Err(OpenError::Failed)
+}
+
+/// Waits for the data connection the agent was asked to dial back for client `id`.
+async fn await_dialback(
+    shared: &Arc<Shared>,
+    service: &str,
+    peer: SocketAddr,
+    id: ClientId,
+    rx: oneshot::Receiver<DataConn>,
+) -> Result<DataConn, OpenError> {
     // The core fails the client when its token expires; the outer timeout is a safety net.
     let guard = shared.token_ttl + Duration::from_secs(5);
     match tokio::time::timeout(guard, rx).await {
@@ -679,7 +842,7 @@ pub(crate) async fn open_data(
             inner.core.handle_client_gone(Instant::now(), id);
             inner.clients.remove(&id);
             shared.drive(&mut inner);
-            if let Some(m) = svc {
+            if let Some(m) = shared.metrics.service(service) {
                 m.client_failed("timeout");
             }
             warn!(%peer, %service, "client dropped: no data connection within {guard:?}");

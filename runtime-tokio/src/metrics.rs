@@ -429,6 +429,8 @@ pub struct ServiceMetrics {
     refused: LabelCounters,
     failed: LabelCounters,
     pairing: Histogram,
+    pool: AtomicU64,
+    pool_failures: AtomicU64,
 }
 
 impl ServiceMetrics {
@@ -444,6 +446,8 @@ impl ServiceMetrics {
             refused: LabelCounters::new(),
             failed: LabelCounters::new(),
             pairing: Histogram::new(),
+            pool: AtomicU64::new(0),
+            pool_failures: AtomicU64::new(0),
         }
     }
 
@@ -570,9 +574,22 @@ impl ServiceMetrics {
         self.pairing.snapshot()
     }
 
-    /// Connections held ready in a data-connection pool. There is no pool yet: always 0.
+    /// Authenticated data connections parked in the pool, ready for clients.
     pub fn pool_connections(&self) -> u64 {
-        0
+        self.pool.load(Ordering::Relaxed)
+    }
+
+    pub fn set_pool_connections(&self, n: u64) {
+        self.pool.store(n, Ordering::Relaxed);
+    }
+
+    /// A data connection asked for the pool failed (not opened, refused, or lost while parked).
+    pub fn pool_failure(&self) {
+        self.pool_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn pool_failures(&self) -> u64 {
+        self.pool_failures.load(Ordering::Relaxed)
     }
 
     fn status(&self, now: Instant) -> ServiceStatus {
@@ -638,7 +655,7 @@ pub struct ServiceStatus {
     pub pairing_count: u64,
     /// Median pairing latency estimated from the histogram; `None` without samples.
     pub pairing_p50_ms: Option<f64>,
-    /// Always 0: there is no data-connection pool yet.
+    /// Data connections parked in the pool.
     pub pool_connections: u64,
 }
 
@@ -893,8 +910,14 @@ impl GatewayMetrics {
         e.per_service(
             "pool_connections",
             "gauge",
-            "Idle data connections held in the pool; always 0, there is no pool yet.",
+            "Authenticated data connections parked in the pool, ready for clients.",
             svcs.iter().map(|s| (s.name.as_str(), s.pool_connections())),
+        );
+        e.per_service(
+            "pool_failures_total",
+            "counter",
+            "Data connections asked for the pool that were not opened, were refused, or were lost while parked.",
+            svcs.iter().map(|s| (s.name.as_str(), s.pool_failures())),
         );
 
         e.out
@@ -1618,6 +1641,7 @@ pub(crate) mod tests {
             ("bytes_total", "counter"),
             ("pairing_seconds", "histogram"),
             ("pool_connections", "gauge"),
+            ("pool_failures_total", "counter"),
         ] {
             assert_eq!(
                 types.get(&p(name)).map(String::as_str),

@@ -94,6 +94,10 @@ pub struct GatewayService {
     pub data_tls: bool,
     /// Clients that may wait for a data connection at once; more are refused.
     pub max_pending: usize,
+    /// Data connections kept ready at the gateway (0 turns the pool off).
+    pub pool: usize,
+    /// A pooled connection unused this long is replaced by a fresh one.
+    pub pool_max_idle: Duration,
 }
 
 /// How the agent decides that it talks to the real gateway.
@@ -138,6 +142,12 @@ pub struct AgentService {
 }
 
 pub const DEFAULT_MAX_PENDING: usize = 1024;
+pub const DEFAULT_POOL: usize = 4;
+/// Below the idle timeouts of common NATs and proxies, so a pooled connection is replaced
+/// before anything on the way can forget it silently.
+pub const DEFAULT_POOL_MAX_IDLE: Duration = Duration::from_secs(50);
+/// Largest pool a service may ask for.
+pub const MAX_POOL: usize = 256;
 pub const DEFAULT_RECONNECT_MIN: Duration = Duration::from_millis(500);
 pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(30);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use dialback_core::Timing;
 use dialback_tokio::settings::{
-    GatewayService, GatewaySettings, IdentitySource, DEFAULT_MAX_PENDING,
+    GatewayService, GatewaySettings, IdentitySource, DEFAULT_MAX_PENDING, DEFAULT_POOL,
+    DEFAULT_POOL_MAX_IDLE, MAX_POOL,
 };
 use serde::Deserialize;
 use toml::Spanned;
@@ -51,6 +52,8 @@ struct RawService {
     http_prefix: Option<Spanned<String>>,
     #[serde(default)]
     hosts: Vec<Spanned<String>>,
+    pool: Option<Spanned<i64>>,
+    pool_max_idle: Option<Spanned<RawDuration>>,
 }
 
 pub fn parse(
@@ -404,6 +407,43 @@ fn services(
                 }
             },
         };
+        let pool = match service.pool {
+            None => DEFAULT_POOL,
+            Some(value) => match usize::try_from(*value.get_ref()) {
+                Ok(n) if n <= MAX_POOL => n,
+                _ => {
+                    problems.push(src.error_at(
+                        Some(value.span()),
+                        format!("{path}.pool"),
+                        format!(
+                            "must be from 0 (no pool) to {MAX_POOL} (got {})",
+                            value.get_ref()
+                        ),
+                    ));
+                    DEFAULT_POOL
+                }
+            },
+        };
+        let pool_max_idle = match duration(
+            src,
+            &format!("{path}.pool_max_idle"),
+            &service.pool_max_idle,
+            DEFAULT_POOL_MAX_IDLE,
+        ) {
+            Ok(d) if d >= Duration::from_secs(1) => d,
+            Ok(d) => {
+                problems.push(src.error_at(
+                    service.pool_max_idle.as_ref().map(|v| v.span()),
+                    format!("{path}.pool_max_idle"),
+                    format!("must be at least 1s (got {d:?})"),
+                ));
+                DEFAULT_POOL_MAX_IDLE
+            }
+            Err(e) => {
+                problems.push(e);
+                DEFAULT_POOL_MAX_IDLE
+            }
+        };
         if let Some(password) = password.filter(|_| tcp_listen.is_some() || http_enabled) {
             if problems.len() == before {
                 services.push(GatewayService {
@@ -412,6 +452,8 @@ fn services(
                     tcp_listen,
                     data_tls: service.data_tls,
                     max_pending,
+                    pool,
+                    pool_max_idle,
                 });
             }
         }

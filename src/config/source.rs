@@ -15,7 +15,6 @@ use super::ConfigError;
 const PLANNED_KEYS: &[&str] = &[
     "allow_from",
     "accept_proxy",
-    "pool",
     "send_proxy",
     "upstreams",
     "gateways",

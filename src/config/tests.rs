@@ -8,7 +8,8 @@ use std::time::Duration;
 use dialback_core::Timing;
 use dialback_tokio::settings::{
     AgentSettings, GatewaySettings, GatewayTrust, Secret, DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_MAX_PENDING, DEFAULT_RECONNECT_MAX, DEFAULT_RECONNECT_MIN,
+    DEFAULT_MAX_PENDING, DEFAULT_POOL, DEFAULT_POOL_MAX_IDLE, DEFAULT_RECONNECT_MAX,
+    DEFAULT_RECONNECT_MIN,
 };
 
 use super::source::Source;
@@ -332,6 +333,35 @@ fn service_needs_a_public_entry() {
         e.to_string(),
         "gateway.toml:2: services.web: service web has no public entry: set tcp_listen, or add an [http] section"
     );
+}
+
+#[test]
+fn pool_defaults_values_and_range() {
+    let (s, _) = gw(MINIMAL_GATEWAY).unwrap();
+    assert_eq!(s.services[0].pool, DEFAULT_POOL);
+    assert_eq!(s.services[0].pool_max_idle, DEFAULT_POOL_MAX_IDLE);
+    let (s, _) = gw(&format!(
+        "{MINIMAL_GATEWAY}pool = 0\npool_max_idle = \"2m\"\n"
+    ))
+    .unwrap();
+    assert_eq!(s.services[0].pool, 0, "0 turns the pool off");
+    assert_eq!(s.services[0].pool_max_idle, Duration::from_secs(120));
+    let (s, _) = gw(&format!("{MINIMAL_GATEWAY}pool = 256\n")).unwrap();
+    assert_eq!(s.services[0].pool, 256);
+    for bad in ["257", "-1"] {
+        let e = gw_err(&format!("{MINIMAL_GATEWAY}pool = {bad}\n"));
+        assert_eq!(e.key(), Some("services.web.pool"), "{bad}");
+        assert!(
+            e.to_string().contains("must be from 0 (no pool) to 256"),
+            "{e}"
+        );
+        assert!(e.to_string().starts_with("gateway.toml:5:"), "{e}");
+    }
+    let e = gw_err(&format!("{MINIMAL_GATEWAY}pool_max_idle = \"500ms\"\n"));
+    assert_eq!(e.key(), Some("services.web.pool_max_idle"));
+    assert!(e.to_string().contains("at least 1s"), "{e}");
+    let e = gw_err(&format!("{MINIMAL_GATEWAY}pool_max_idle = \"soon\"\n"));
+    assert_eq!(e.key(), Some("services.web.pool_max_idle"));
 }
 
 #[test]
