@@ -6,13 +6,10 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use common::test_agent::{redeem, TestAgent};
 use common::*;
-use dialback_core::agent::{AgentControl, AgentEvent, ConnectRequest};
-use dialback_core::crypto::PasswordKey;
-use dialback_core::data::{encode_data_hello, AnswerDecoder, DataAnswerError};
-use dialback_core::{ErrorCode, Timing};
-use dialback_tokio::settings::GatewayTrust;
-use dialback_tokio::tls;
+use dialback_core::data::DataAnswerError;
+use dialback_core::ErrorCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -21,91 +18,6 @@ const PW: &str = "token-test-password";
 /// outlive the token: a long dead_after, a short token_ttl.
 const TIMERS: &str =
     "heartbeat = \"10s\"\ndead_after = \"60s\"\ntoken_ttl = \"2s\"\nhandshake_timeout = \"3s\"\n";
-
-/// A minimal agent: registers one service and hands out the CONNECT requests it receives.
-struct TestAgent {
-    ctrl: AgentControl,
-    stream: tokio_rustls::client::TlsStream<TcpStream>,
-}
-
-impl TestAgent {
-    async fn register(gateway: SocketAddr, fingerprint: &str, service: &str) -> TestAgent {
-        let fp = tls::parse_fingerprint(fingerprint).unwrap();
-        let connector = tokio_rustls::TlsConnector::from(
-            tls::client_config(&GatewayTrust::Fingerprint(fp)).unwrap(),
-        );
-        let tcp = TcpStream::connect(gateway).await.unwrap();
-        let stream = connector
-            .connect(tls::server_name("localhost").unwrap(), tcp)
-            .await
-            .unwrap();
-        let exporter = tls::export_keying_material(stream.get_ref().1).unwrap();
-        let key = PasswordKey::derive(service, PW);
-        let ctrl = AgentControl::new(
-            Instant::now(),
-            service,
-            &key,
-            &exporter,
-            [9; 32],
-            &Timing::default(),
-            "test-agent",
-        );
-        let mut a = TestAgent { ctrl, stream };
-        match a.next_event().await {
-            AgentEvent::Registered { .. } => a,
-            other => panic!("expected registration, got {other:?}"),
-        }
-    }
-
-    async fn next_event(&mut self) -> AgentEvent {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        let mut buf = [0u8; 4096];
-        loop {
-            while let Some(b) = self.ctrl.poll_transmit() {
-                self.stream.write_all(&b).await.unwrap();
-            }
-            if let Some(e) = self.ctrl.poll_event() {
-                return e;
-            }
-            let n = tokio::time::timeout_at(deadline, self.stream.read(&mut buf))
-                .await
-                .expect("no event from the gateway within 20s")
-                .unwrap();
-            assert!(n > 0, "gateway closed the control connection");
-            self.ctrl.handle_input(Instant::now(), &buf[..n]);
-        }
-    }
-
-    async fn next_connect(&mut self) -> ConnectRequest {
-        match self.next_event().await {
-            AgentEvent::Connect(r) => r,
-            other => panic!("expected CONNECT, got {other:?}"),
-        }
-    }
-}
-
-/// Dials a data connection and presents `hello`; returns the gateway's verdict.
-async fn redeem(gateway: SocketAddr, req: &ConnectRequest) -> Result<TcpStream, DataAnswerError> {
-    let mut s = TcpStream::connect(gateway).await.unwrap();
-    s.write_all(&encode_data_hello(&req.hello)).await.unwrap();
-    let mut dec = AnswerDecoder::new();
-    let mut buf = [0u8; 512];
-    loop {
-        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
-            .await
-            .expect("no answer")
-            .unwrap();
-        assert!(
-            n > 0,
-            "gateway closed the data connection without an answer"
-        );
-        let mut input = &buf[..n];
-        if dec.handle_input(&mut input)? {
-            assert!(input.is_empty());
-            return Ok(s);
-        }
-    }
-}
 
 fn start_gateway(dir: &Dir) -> (RunningGateway, SocketAddr) {
     let conf = gateway_toml(
@@ -117,6 +29,10 @@ fn start_gateway(dir: &Dir) -> (RunningGateway, SocketAddr) {
             extra: "",
         },
     );
+    // These tests drive the CONNECT path by hand; the pool has its own tests (e2e_pool.rs).
+    let mut text = std::fs::read_to_string(&conf).unwrap();
+    text.push_str("pool = 0\n");
+    std::fs::write(&conf, text).unwrap();
     let gw = RunningGateway::start(&conf);
     let public = gw.service_addr("tok");
     (gw, public)
@@ -126,7 +42,7 @@ fn start_gateway(dir: &Dir) -> (RunningGateway, SocketAddr) {
 async fn replayed_token_is_refused() {
     let dir = Dir::new();
     let (gw, public) = start_gateway(&dir);
-    let mut agent = TestAgent::register(gw.listen, &gw.fingerprint, "tok").await;
+    let mut agent = TestAgent::register(gw.listen, &gw.fingerprint, "tok", PW).await;
 
     let mut client = TcpStream::connect(public).await.unwrap();
     let req = agent.next_connect().await;
@@ -168,7 +84,7 @@ async fn replayed_token_is_refused() {
 async fn expired_token_is_refused_and_client_closed() {
     let dir = Dir::new();
     let (gw, public) = start_gateway(&dir);
-    let mut agent = TestAgent::register(gw.listen, &gw.fingerprint, "tok").await;
+    let mut agent = TestAgent::register(gw.listen, &gw.fingerprint, "tok", PW).await;
 
     let mut client = TcpStream::connect(public).await.unwrap();
     let req = agent.next_connect().await;
@@ -200,7 +116,7 @@ async fn expired_token_is_refused_and_client_closed() {
 async fn forged_token_is_refused_and_burns_the_request() {
     let dir = Dir::new();
     let (gw, public) = start_gateway(&dir);
-    let mut agent = TestAgent::register(gw.listen, &gw.fingerprint, "tok").await;
+    let mut agent = TestAgent::register(gw.listen, &gw.fingerprint, "tok", PW).await;
 
     let mut client = TcpStream::connect(public).await.unwrap();
     let req = agent.next_connect().await;

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod squid;
+pub mod test_agent;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
