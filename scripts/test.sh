@@ -10,8 +10,10 @@ need_apt=()
 command -v htpasswd >/dev/null 2>&1 || need_apt+=(apache2-utils)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3 python3-pip)
-# Headless Chromium renders the gateway's status page.
+# Headless Chromium renders the gateway's status page and pages through /~~name.
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
+# The HTTPS tests make a test CA and certificates with the openssl command line.
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq
@@ -24,8 +26,8 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
 fi
 # pyspnego: an independent NTLM implementation; prometheus_client: the reference parser of
-# the metrics exposition format.
-for module in spnego:pyspnego prometheus_client:prometheus_client; do
+# the metrics exposition format; websockets: a real WebSocket client and server.
+for module in spnego:pyspnego prometheus_client:prometheus_client websockets:websockets; do
   if ! python3 -c "import ${module%%:*}" >/dev/null 2>&1; then
     python3 -m pip install --quiet "${module##*:}" ||
       python3 -m pip install --quiet --break-system-packages "${module##*:}"
