@@ -497,9 +497,10 @@ fn chromium_loads_a_page_whose_assets_use_absolute_paths() {
 fn every_error_gets_its_status() {
     let dir = Dir::new();
     let web = Helper::web("up");
+    let timers = format!("{FAST_TIMERS}admin_listen = \"127.0.0.1:0\"\n");
     let setup = Setup::start(
         &dir,
-        FAST_TIMERS,
+        &timers,
         "listen = \"127.0.0.1:0\"\nhead_timeout = \"1s\"\nmax_head = 4096",
         &[Svc {
             name: "up",
@@ -565,6 +566,24 @@ fn every_error_gets_its_status() {
                 message_contains(l, "HTTP request refused")
                     && field(l, "status").as_deref() == Some(&status.to_string())
             });
+    }
+    // Every answer is counted, by service where there was one.
+    let admin = setup.gw.proc.wait_for("admin listener", STARTUP, |l| {
+        message_is(l, "admin endpoint listening")
+    });
+    let metrics = curl_text(&[&format!(
+        "http://{}/metrics",
+        field(&admin, "addr").unwrap()
+    )]);
+    for line in [
+        "dialback_gateway_http_responses_total{service=\"up\",code=\"200\"} 1",
+        "dialback_gateway_http_responses_total{service=\"down\",code=\"502\"} 1",
+        "dialback_gateway_http_unrouted_total{code=\"404\"} 2",
+        "dialback_gateway_http_unrouted_total{code=\"400\"} 2",
+        "dialback_gateway_http_unrouted_total{code=\"408\"} 2",
+        "dialback_gateway_http_unrouted_total{code=\"431\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} missing:\n{metrics}");
     }
 }
 

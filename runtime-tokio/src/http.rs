@@ -32,8 +32,13 @@ use crate::settings::{HttpCert, HttpSettings};
 use crate::stream::MaybeTls;
 use crate::tls;
 
-/// Bytes read from a socket at a time.
-const READ_CHUNK: usize = 64 * 1024;
+/// Room made for each read while a head is expected: heads are small, and many idle
+/// connections wait for one.
+const HEAD_CHUNK: usize = 4 * 1024;
+/// Room made for each read of a body.
+const BODY_CHUNK: usize = 64 * 1024;
+/// A buffer larger than this is shrunk after each exchange.
+const IDLE_BUF: usize = 16 * 1024;
 /// Response heads from services may be larger than what clients may send (cookies, CSP).
 const RESPONSE_LIMITS: Limits = Limits {
     max_head: 64 * 1024,
@@ -293,6 +298,7 @@ async fn client(
         wr,
         buf: Vec::with_capacity(4096),
         backend: None,
+        routed: None,
     };
     conn.serve().await;
 }
@@ -323,12 +329,14 @@ struct Conn {
     /// requests).
     buf: Vec<u8>,
     backend: Option<Backend>,
+    /// The service the current request was routed to, for metrics and logs.
+    routed: Option<String>,
 }
 
 /// How an exchange ended.
 enum Exchanged {
     /// Ready for the next request (or closed, if `close`).
-    Done { close: bool },
+    Done { close: bool, status: u16 },
     /// `101`: relay the rest as bytes.
     Upgraded,
 }
@@ -345,10 +353,22 @@ enum RespError {
     },
 }
 
-/// Reads more bytes into `buf`; `Ok(0)` at EOF.
-async fn read_more<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut Vec<u8>) -> io::Result<usize> {
-    buf.reserve(READ_CHUNK);
+/// Reads more bytes into `buf`, making room for `want` more; `Ok(0)` at EOF.
+async fn read_more<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut Vec<u8>,
+    want: usize,
+) -> io::Result<usize> {
+    buf.reserve(want);
     rd.read_buf(buf).await
+}
+
+/// Gives back the room a large body needed, so an idle kept-alive connection holds little
+/// memory.
+fn shrink(buf: &mut Vec<u8>) {
+    if buf.capacity() > IDLE_BUF {
+        buf.shrink_to(buf.len().max(IDLE_BUF / 4));
+    }
 }
 
 impl Conn {
@@ -361,8 +381,8 @@ impl Conn {
             };
             first = false;
             match self.handle(head).await {
-                Some(Exchanged::Done { close: false }) => {}
-                Some(Exchanged::Done { close: true }) | None => {
+                Some(Exchanged::Done { close: false, .. }) => {}
+                Some(Exchanged::Done { close: true, .. }) | None => {
                     let _ = tokio::time::timeout(Duration::from_secs(5), self.wr.shutdown()).await;
                     return;
                 }
@@ -376,7 +396,11 @@ impl Conn {
 
     /// Answers on the gateway's behalf and closes.
     async fn refuse(&mut self, status: u16, why: &str) {
-        info!(peer = %self.peer, status, "HTTP request refused: {why}");
+        match self.routed.as_deref().and_then(|s| self.metrics.service(s)) {
+            Some(m) => m.http_response(status),
+            None => self.metrics.http_unrouted(status),
+        }
+        info!(peer = %self.peer, service = self.routed.as_deref().unwrap_or("-"), status, "HTTP request refused: {why}");
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
             let _ = self.wr.write_all(&error_response(status, why)).await;
             let _ = self.wr.shutdown().await;
@@ -386,6 +410,7 @@ impl Conn {
 
     /// The next request head, or `None` when the connection is done (answered if needed).
     async fn read_head(&mut self, first: bool) -> Option<RequestHead> {
+        self.routed = None;
         let mut reader = RequestReader::new(self.front.limits, self.front.head_timeout);
         if first {
             // A new connection owes its first head from the start: a silent client is a
@@ -407,8 +432,11 @@ impl Conn {
             let deadline = reader
                 .poll_timeout()
                 .unwrap_or_else(|| Instant::now() + self.front.idle_timeout);
-            match tokio::time::timeout_at(deadline.into(), read_more(&mut self.rd, &mut self.buf))
-                .await
+            match tokio::time::timeout_at(
+                deadline.into(),
+                read_more(&mut self.rd, &mut self.buf, HEAD_CHUNK),
+            )
+            .await
             {
                 Ok(Ok(0)) => {
                     if !self.buf.is_empty() {
@@ -438,6 +466,7 @@ impl Conn {
     /// Routes and carries one request and its response. `None`: the connection is over
     /// (the client was answered if it could be).
     async fn handle(&mut self, head: RequestHead) -> Option<Exchanged> {
+        self.routed = None;
         let framing = match request_framing(&head) {
             Ok(f) => f,
             Err(e) => {
@@ -452,6 +481,7 @@ impl Conn {
                 return None;
             }
         };
+        self.routed = Some(route.service.clone());
         if self
             .backend
             .as_ref()
@@ -460,7 +490,7 @@ impl Conn {
             self.backend = None;
         }
         let fwd = Forwarding {
-            client: self.peer.ip(),
+            client: self.peer.ip().to_canonical(),
             https: self.https,
         };
         let out = request_head(&head, &route, &fwd);
@@ -470,15 +500,25 @@ impl Conn {
             if self.backend.is_none() {
                 self.backend = Some(self.open(&route.service).await?);
             }
+            let reused = self.reused();
             let result = self.exchange(&head, &route, framing, &out).await;
+            shrink(&mut self.buf);
+            if let Some(be) = &mut self.backend {
+                shrink(&mut be.buf);
+            }
             match result {
                 Ok(done) => {
-                    debug!(peer = %self.peer, service = %route.service, via = route.via.name(), method = %head.method, target = %head.target, "HTTP request relayed");
+                    let status = match done {
+                        Exchanged::Done { status, .. } => status,
+                        Exchanged::Upgraded => 101,
+                    };
+                    if let Some(m) = self.metrics.service(&route.service) {
+                        m.http_response(status);
+                    }
+                    debug!(status,peer = %self.peer, service = %route.service, via = route.via.name(), method = %head.method, target = %head.target, "HTTP request relayed");
                     return Some(done);
                 }
-                Err(RespError::Nothing)
-                    if attempt == 0 && framing == Framing::Empty && self.reused() =>
-                {
+                Err(RespError::Nothing) if attempt == 0 && framing == Framing::Empty && reused => {
                     debug!(peer = %self.peer, service = %route.service, "kept data connection was closed; retrying on a fresh one");
                     self.backend = None;
                 }
@@ -508,6 +548,7 @@ impl Conn {
         None
     }
 
+    /// Whether the current data connection already served a request.
     fn reused(&self) -> bool {
         self.backend.as_ref().is_some_and(|b| b.used)
     }
@@ -629,14 +670,17 @@ impl Conn {
         };
         match outcome? {
             Passed::Upgraded => Ok(Exchanged::Upgraded),
-            Passed::Done { service_closes } => {
+            Passed::Done {
+                service_closes,
+                status,
+            } => {
                 // A response that came before the whole request body leaves the rest of it
                 // unread: neither connection can carry another request.
                 if service_closes || !uploaded {
                     self.backend = None;
                 }
                 let close = service_closes || !uploaded || head.wants_close();
-                Ok(Exchanged::Done { close })
+                Ok(Exchanged::Done { close, status })
             }
         }
     }
@@ -710,7 +754,7 @@ impl Conn {
 
 /// How a response ended.
 enum Passed {
-    Done { service_closes: bool },
+    Done { service_closes: bool, status: u16 },
     Upgraded,
 }
 
@@ -744,7 +788,7 @@ where
                 .await
                 .map_err(|e| format!("cannot send the request body: {e}"));
         }
-        match tokio::time::timeout(idle, read_more(rd, buf)).await {
+        match tokio::time::timeout(idle, read_more(rd, buf, BODY_CHUNK)).await {
             Ok(Ok(0)) => return Err("the client closed in the middle of the request body".into()),
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(format!("reading the request body failed: {e}")),
@@ -783,7 +827,7 @@ where
                 Ok(None) => {}
                 Err(why) => return Err(failed(502, format!("service {service}: {why}"), sent)),
             }
-            match tokio::time::timeout_at(deadline.into(), read_more(rd, buf)).await {
+            match tokio::time::timeout_at(deadline.into(), read_more(rd, buf, HEAD_CHUNK)).await {
                 Ok(Ok(0)) if buf.is_empty() && !sent => return Err(RespError::Nothing),
                 Ok(Ok(0)) => {
                     return Err(failed(
@@ -855,13 +899,14 @@ where
             if body.is_done() {
                 break;
             }
-            match read_more(rd, buf).await {
+            match read_more(rd, buf, BODY_CHUNK).await {
                 Ok(0) if body.ends_at_eof() => {
                     wr.flush()
                         .await
                         .map_err(|e| failed(502, format!("the client went away: {e}"), true))?;
                     return Ok(Passed::Done {
                         service_closes: true,
+                        status: head.status,
                     });
                 }
                 Ok(0) => {
@@ -886,6 +931,7 @@ where
             .map_err(|e| failed(502, format!("the client went away: {e}"), true))?;
         return Ok(Passed::Done {
             service_closes: head.closes(),
+            status: head.status,
         });
     }
 }

@@ -259,6 +259,46 @@ impl std::fmt::Debug for ConnectionGuard {
 // Text exposition helpers
 // ---------------------------------------------------------------------------------------------
 
+/// A status code as a metrics label: the codes seen in practice as themselves, others by class.
+pub fn status_label(status: u16) -> &'static str {
+    const KNOWN: [(u16, &str); 24] = [
+        (101, "101"),
+        (200, "200"),
+        (201, "201"),
+        (204, "204"),
+        (206, "206"),
+        (301, "301"),
+        (302, "302"),
+        (303, "303"),
+        (304, "304"),
+        (307, "307"),
+        (308, "308"),
+        (400, "400"),
+        (401, "401"),
+        (403, "403"),
+        (404, "404"),
+        (405, "405"),
+        (408, "408"),
+        (413, "413"),
+        (429, "429"),
+        (431, "431"),
+        (500, "500"),
+        (502, "502"),
+        (503, "503"),
+        (504, "504"),
+    ];
+    if let Some((_, label)) = KNOWN.iter().find(|(code, _)| *code == status) {
+        return label;
+    }
+    match status / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        _ => "5xx",
+    }
+}
+
 /// Escapes a label value: `\` → `\\`, `"` → `\"`, newline → `\n`.
 pub fn escape_label_value(v: &str) -> String {
     let mut out = String::with_capacity(v.len());
@@ -431,6 +471,7 @@ pub struct ServiceMetrics {
     pairing: Histogram,
     pool: AtomicU64,
     pool_failures: AtomicU64,
+    http: LabelCounters,
 }
 
 impl ServiceMetrics {
@@ -448,6 +489,7 @@ impl ServiceMetrics {
             pairing: Histogram::new(),
             pool: AtomicU64::new(0),
             pool_failures: AtomicU64::new(0),
+            http: LabelCounters::new(),
         }
     }
 
@@ -592,6 +634,17 @@ impl ServiceMetrics {
         self.pool_failures.load(Ordering::Relaxed)
     }
 
+    /// An HTTP request routed to this service was answered with `status` (by the service, or
+    /// by the gateway on its behalf: 502, 504, ...).
+    pub fn http_response(&self, status: u16) {
+        self.http.inc(status_label(status));
+    }
+
+    /// (status, count) of HTTP responses, sorted by status.
+    pub fn http_responses(&self) -> Vec<(&'static str, u64)> {
+        self.http.snapshot()
+    }
+
     fn status(&self, now: Instant) -> ServiceStatus {
         let agent = self.agent_lock().clone();
         let pairing = self.pairing();
@@ -628,6 +681,7 @@ pub struct GatewayMetrics {
     auth_failures: AtomicU64,
     handshake_drops: LabelCounters,
     data_refusals: LabelCounters,
+    http_unrouted: LabelCounters,
 }
 
 /// A point-in-time copy of the gateway's state for the status page.
@@ -686,6 +740,7 @@ impl GatewayMetrics {
             auth_failures: AtomicU64::new(0),
             handshake_drops: LabelCounters::new(),
             data_refusals: LabelCounters::new(),
+            http_unrouted: LabelCounters::new(),
         }
     }
 
@@ -740,6 +795,16 @@ impl GatewayMetrics {
 
     pub fn data_refusals(&self) -> Vec<(&'static str, u64)> {
         self.data_refusals.snapshot()
+    }
+
+    /// An HTTP request the gateway answered before it reached any service (400, 404, 408,
+    /// 431, ...).
+    pub fn http_unrouted(&self, status: u16) {
+        self.http_unrouted.inc(status_label(status));
+    }
+
+    pub fn http_unrouted_responses(&self) -> Vec<(&'static str, u64)> {
+        self.http_unrouted.snapshot()
     }
 
     /// The Prometheus text exposition (format 0.0.4) of every metric.
@@ -919,6 +984,29 @@ impl GatewayMetrics {
             "Data connections asked for the pool that were not opened, were refused, or were lost while parked.",
             svcs.iter().map(|s| (s.name.as_str(), s.pool_failures())),
         );
+
+        e.family(
+            "http_responses_total",
+            "counter",
+            "HTTP responses to requests routed to the service, by status (the gateway's own 502/503/504 included).",
+        );
+        for s in svcs {
+            for (c, n) in s.http_responses() {
+                e.int(
+                    "http_responses_total",
+                    &[("service", &s.name), ("code", c)],
+                    n,
+                );
+            }
+        }
+        e.family(
+            "http_unrouted_total",
+            "counter",
+            "HTTP requests answered by the gateway before reaching a service (400, 404, 408, 431, ...), by status.",
+        );
+        for (c, n) in self.http_unrouted_responses() {
+            e.int("http_unrouted_total", &[("code", c)], n);
+        }
 
         e.out
     }
@@ -1429,6 +1517,10 @@ pub(crate) mod tests {
         m.auth_failure();
         m.handshake_dropped("tls_error");
         m.data_refused("token_invalid");
+        web.http_response(200);
+        web.http_response(200);
+        web.http_response(504);
+        m.http_unrouted(404);
         m
     }
 
@@ -1642,6 +1734,8 @@ pub(crate) mod tests {
             ("pairing_seconds", "histogram"),
             ("pool_connections", "gauge"),
             ("pool_failures_total", "counter"),
+            ("http_responses_total", "counter"),
+            ("http_unrouted_total", "counter"),
         ] {
             assert_eq!(
                 types.get(&p(name)).map(String::as_str),
