@@ -278,6 +278,20 @@ fn responses_get_their_location_back_under_the_prefix_and_the_cookie() {
     assert!(resp("relative").contains("\r\nLocation: relative\r\n"));
     let out = resp("/new");
     assert!(out.starts_with("HTTP/1.1 302 Found\r\n"));
+    // A service cannot set the gateway's route cookie itself.
+    let text =
+        "HTTP/1.1 200 OK\r\nSet-Cookie: dialback_route=other; Path=/\r\nSet-Cookie: sid=1\r\n\r\n";
+    let (h, _) = parse_response(text.as_bytes(), &Limits::default())
+        .unwrap()
+        .unwrap();
+    let out = String::from_utf8(response_head(&h, &r, None, true)).unwrap();
+    assert!(!out.contains("dialback_route=other"), "{out}");
+    assert!(out.contains("\r\nSet-Cookie: sid=1\r\n"), "{out}");
+    assert!(
+        out.contains("dialback_route=app; Path=/; HttpOnly; SameSite=Lax; Secure"),
+        "{out}"
+    );
+    let out = resp("/new");
     assert!(
         out.contains("\r\nSet-Cookie: dialback_route=app; Path=/; HttpOnly; SameSite=Lax\r\n"),
         "{out}"
@@ -381,6 +395,21 @@ fn chunked_bodies_end_where_they_end() {
 }
 
 #[test]
+fn odd_statuses_from_services_are_refused() {
+    for bad in [
+        "HTTP/1.1 002 OK\r\n\r\n",
+        "HTTP/1.1 099 X\r\n\r\n",
+        "HTTP/1.1 20 OK\r\n\r\n",
+    ] {
+        assert!(
+            parse_response(bad.as_bytes(), &Limits::default()).is_err(),
+            "{bad:?}"
+        );
+    }
+    assert!(parse_response(b"HTTP/1.1 599 X\r\n\r\n", &Limits::default()).is_ok());
+}
+
+#[test]
 fn error_responses_are_complete_and_close() {
     let out = error_response(502, "the agent of service app is offline");
     let (h, len) = parse_response(&out, &Limits::default()).unwrap().unwrap();
@@ -458,5 +487,102 @@ proptest! {
         prop_assert_eq!(&back.target, &r.target);
         prop_assert_eq!(back.get("x-forwarded-prefix"), r.prefix.as_deref());
         prop_assert_eq!(request_framing(&back), Ok(Framing::Empty));
+    }
+}
+
+/// One generated request: its bytes on the wire, its target and its body as sent.
+#[derive(Debug, Clone)]
+struct Generated {
+    wire: Vec<u8>,
+    target: String,
+    body_wire: Vec<u8>,
+}
+
+fn generated_request() -> impl Strategy<Value = Generated> {
+    (
+        prop_oneof![Just("GET"), Just("POST"), Just("PUT")],
+        prop_oneof![Just("/~~app"), Just("/~~srvBACK"), Just("")],
+        "/[a-z0-9/._-]{0,20}",
+        0u8..3,
+        proptest::collection::vec(any::<u8>(), 0..300),
+        proptest::collection::vec(1usize..64, 1..4),
+        proptest::collection::vec(("X-[A-Za-z]{1,8}", "[ -~]{0,20}"), 0..4),
+    )
+        .prop_map(|(method, prefix, path, kind, body, sizes, extra)| {
+            let target = format!("{prefix}{path}");
+            let mut head = format!("{method} {target} HTTP/1.1\r\nHost: gw\r\n");
+            for (n, v) in extra {
+                head.push_str(&format!("{n}: {}\r\n", v.trim()));
+            }
+            let body_wire = match kind {
+                0 => Vec::new(),
+                1 => {
+                    head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+                    body.clone()
+                }
+                _ => {
+                    head.push_str("Transfer-Encoding: chunked\r\n");
+                    chunked(&body, &sizes)
+                }
+            };
+            head.push_str("\r\n");
+            let mut wire = head.into_bytes();
+            wire.extend_from_slice(&body_wire);
+            Generated {
+                wire,
+                target,
+                body_wire,
+            }
+        })
+}
+
+/// Reads pipelined requests the way the runtime does: a head from the buffer, then as much
+/// of the buffer as the body takes, reading more input only when the buffer runs dry.
+fn read_pipeline(stream: &[u8], chunk: usize) -> Vec<(String, Vec<u8>)> {
+    let mut pieces = stream.chunks(chunk.max(1));
+    let mut buf: Vec<u8> = Vec::new();
+    let mut out = Vec::new();
+    loop {
+        let (head, len) = loop {
+            match parse_request(&buf, &Limits::default()).unwrap() {
+                Some(parsed) => break parsed,
+                None => match pieces.next() {
+                    Some(p) => buf.extend_from_slice(p),
+                    None => {
+                        assert!(buf.is_empty(), "left over: {buf:?}");
+                        return out;
+                    }
+                },
+            }
+        };
+        buf.drain(..len);
+        let mut state = BodyState::new(request_framing(&head).unwrap());
+        let mut body = Vec::new();
+        loop {
+            let n = state.advance(&buf).unwrap();
+            body.extend_from_slice(&buf[..n]);
+            buf.drain(..n);
+            if state.is_done() {
+                break;
+            }
+            buf.extend_from_slice(pieces.next().expect("the body ends before the input"));
+        }
+        out.push((head.target, body));
+    }
+}
+
+proptest! {
+    #[test]
+    fn pipelined_requests_come_apart_as_they_were_sent(
+        requests in proptest::collection::vec(generated_request(), 1..6),
+        chunk in 1usize..200,
+    ) {
+        let stream: Vec<u8> = requests.iter().flat_map(|r| r.wire.clone()).collect();
+        let got = read_pipeline(&stream, chunk);
+        let want: Vec<(String, Vec<u8>)> = requests
+            .iter()
+            .map(|r| (r.target.clone(), r.body_wire.clone()))
+            .collect();
+        prop_assert_eq!(got, want);
     }
 }

@@ -261,6 +261,10 @@ pub fn parse_response(
     let (Some(minor), Some(status)) = (resp.version, resp.code) else {
         return Err("the service sent an incomplete status line".into());
     };
+    // httparse reads any three digits; "002" would not survive being written out again.
+    if !(100..=999).contains(&status) {
+        return Err(format!("the service sent status {status:03}"));
+    }
     Ok(Some((
         ResponseHead {
             minor,

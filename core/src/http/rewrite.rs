@@ -126,7 +126,8 @@ pub fn route_cookie_value(service: &str, https: bool) -> String {
 /// For prefix routes, a `Location` that is an absolute path (`/login`), or an absolute URL
 /// on the host the client asked for, is put back under the prefix; one that already is (a
 /// service that honours `X-Forwarded-Prefix`) is left alone. The route cookie is set when the
-/// route says so (not on `1xx`, which are interim).
+/// route says so (not on `1xx`, which are interim); a service's own `Set-Cookie` for it is
+/// dropped.
 pub fn response_head(
     head: &ResponseHead,
     route: &Route,
@@ -144,6 +145,10 @@ pub fn response_head(
     out.extend_from_slice(head.reason.as_bytes());
     out.extend_from_slice(b"\r\n");
     for h in &head.headers {
+        // The route cookie is the gateway's: a service cannot steer the browser elsewhere.
+        if h.is("set-cookie") && sets_route_cookie(&h.value) {
+            continue;
+        }
         if h.is("location") {
             if let Some(rewritten) = route
                 .prefix
@@ -166,6 +171,11 @@ pub fn response_head(
     }
     out.extend_from_slice(b"\r\n");
     out
+}
+
+fn sets_route_cookie(value: &[u8]) -> bool {
+    let name = value.split(|&b| b == b'=').next().unwrap_or_default();
+    trim(name) == ROUTE_COOKIE.as_bytes()
 }
 
 /// `location` under `prefix`, when it needs to be.
