@@ -1,15 +1,39 @@
 //! Zero-copy relay between two TCP sockets with splice(2): socket → pipe → socket, so payload
 //! bytes never enter user space. One pipe per direction, owned by [`Pipe`] and closed on drop.
 //! Readiness comes from tokio; every splice is non-blocking.
+//!
+//! Pipes that end a relay empty go back to a small process-wide stock and serve the next
+//! relay: creating, sizing and closing two pipes per connection would otherwise be a fifth of
+//! the system calls a short connection costs.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Mutex;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 /// Bytes moved per splice call; also the pipe capacity we ask for.
 const CHUNK: usize = 1 << 20;
+
+/// Empty pipes kept for reuse (each holds two file descriptors and no buffered pages).
+const STOCK_MAX: usize = 64;
+
+static STOCK: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
+
+fn stock() -> std::sync::MutexGuard<'static, Vec<Pipe>> {
+    STOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Returns a pipe to the stock if it is certainly empty; otherwise it is closed.
+fn recycle(pipe: Pipe) {
+    if pipe.pending == 0 {
+        let mut s = stock();
+        if s.len() < STOCK_MAX {
+            s.push(pipe);
+        }
+    }
+}
 
 /// A non-blocking pipe; both ends close when it is dropped.
 struct Pipe {
@@ -69,7 +93,7 @@ fn shutdown_write(s: &TcpStream) {
 async fn one_way(
     from: &TcpStream,
     to: &TcpStream,
-    mut pipe: Pipe,
+    pipe: &mut Pipe,
     tally: Tally<'_>,
 ) -> io::Result<u64> {
     let mut total = 0u64;
@@ -133,8 +157,21 @@ async fn one_way(
 pub struct Pipes(Pipe, Pipe);
 
 impl Pipes {
+    /// Two empty pipes, from the stock when it has them.
     pub fn new() -> io::Result<Pipes> {
-        Ok(Pipes(Pipe::new()?, Pipe::new()?))
+        let (a, b) = {
+            let mut s = stock();
+            (s.pop(), s.pop())
+        };
+        let a = match a {
+            Some(p) => p,
+            None => Pipe::new()?,
+        };
+        let b = match b {
+            Some(p) => p,
+            None => Pipe::new()?,
+        };
+        Ok(Pipes(a, b))
     }
 }
 
@@ -150,10 +187,17 @@ pub async fn relay(
     tally_ab: Tally<'_>,
     tally_ba: Tally<'_>,
 ) -> io::Result<(u64, u64)> {
-    let Pipes(ab, ba) = pipes;
+    let Pipes(mut ab, mut ba) = pipes;
     // An error in either direction (a reset, say) ends the relay at once; the caller then
     // closes both sockets, so the other direction cannot wait forever.
-    tokio::try_join!(one_way(a, b, ab, tally_ab), one_way(b, a, ba, tally_ba))
+    let r = tokio::try_join!(
+        one_way(a, b, &mut ab, tally_ab),
+        one_way(b, a, &mut ba, tally_ba)
+    );
+    // After an error a pipe may hold bytes of this connection: `recycle` closes those.
+    recycle(ab);
+    recycle(ba);
+    r
 }
 
 #[cfg(test)]
@@ -196,5 +240,31 @@ mod tests {
         assert_eq!(writer.await.unwrap(), b"reply after EOF");
         let (ab, ba) = relay.await.unwrap().unwrap();
         assert_eq!((ab, ba), (5_000_000, 15));
+    }
+
+    #[tokio::test]
+    async fn reused_pipes_never_carry_bytes_between_connections() {
+        // Many short relays in a row reuse the same stocked pipes; each must see exactly its
+        // own bytes.
+        for i in 0..50u32 {
+            let (mut client, a) = pair().await;
+            let (b, mut server) = pair().await;
+            let relay = tokio::spawn(async move {
+                relay(&a, &b, Pipes::new().unwrap(), &|_| {}, &|_| {}).await
+            });
+            let msg = format!("connection {i} payload");
+            client.write_all(msg.as_bytes()).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, msg.as_bytes());
+            server.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            assert!(back.is_empty());
+            relay.await.unwrap().unwrap();
+        }
+        assert!(!stock().is_empty(), "empty pipes went back to the stock");
+        assert!(stock().iter().all(|p| p.pending == 0));
     }
 }
