@@ -195,21 +195,50 @@ async fn idle_pooled_connections_are_retired_and_replaced() {
     );
 }
 
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
+/// Distinct sockets the process holds (a duplicated descriptor counts once), and how many
+/// pipe descriptors it holds.
+fn open_sockets_and_pipes(pid: u32) -> (usize, usize) {
+    let mut sockets = std::collections::BTreeSet::new();
+    let mut pipes = 0;
+    if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        for e in dir.flatten() {
+            let Ok(target) = std::fs::read_link(e.path()) else {
+                continue;
+            };
+            let t = target.to_string_lossy().into_owned();
+            if t.starts_with("socket:") {
+                sockets.insert(t);
+            } else if t.starts_with("pipe:") {
+                pipes += 1;
+            }
+        }
+    }
+    (sockets.len(), pipes)
 }
 
-/// Polls until `pred(fds)` holds; returns the last count seen.
-fn wait_fds(pid: u32, what: &str, pred: impl Fn(usize) -> bool) -> usize {
+/// Polls until the process holds exactly `want` sockets; returns its pipe descriptors then.
+fn wait_sockets(pid: u32, what: &str, want: usize) -> usize {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let n = open_fds(pid);
-        if pred(n) {
-            return n;
+        let (n, pipes) = open_sockets_and_pipes(pid);
+        if n == want {
+            return pipes;
         }
-        assert!(Instant::now() < deadline, "{what}: gateway has {n} fds");
+        if Instant::now() >= deadline {
+            let ss = std::process::Command::new("ss")
+                .args(["-tanp"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            let mine: Vec<&str> = ss
+                .lines()
+                .filter(|l| l.contains(&format!("pid={pid},")))
+                .collect();
+            panic!(
+                "{what}: gateway holds {n} sockets, expected {want}:\n{}",
+                mine.join("\n")
+            );
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -221,7 +250,7 @@ fn pool_is_filled_used_and_released_without_leaking() {
     let gw = RunningGateway::start(&conf);
     let public = gw.service_addr("pooled");
     let pid = gw.proc.pid();
-    let baseline = open_fds(pid);
+    let (baseline, _) = open_sockets_and_pipes(pid);
 
     let echo = echo_server();
     let agent_conf = agent_toml(
@@ -234,7 +263,7 @@ fn pool_is_filled_used_and_released_without_leaking() {
     let mut agent = Proc::start("agent", &["agent", "-c", agent_conf.to_str().unwrap()]);
     gw.wait_registered("pooled", 1);
     // One control connection and three parked data connections.
-    wait_fds(pid, "pool filled", |n| n == baseline + 4);
+    wait_sockets(pid, "pool filled", baseline + 4);
 
     // Clients come and go, through the pool and (when it runs dry) through CONNECT.
     for i in 0..200u64 {
@@ -259,10 +288,12 @@ fn pool_is_filled_used_and_released_without_leaking() {
     for t in threads {
         t.join().unwrap();
     }
-    // Afterwards the pool is full again and nothing else is open.
-    wait_fds(pid, "pool refilled", |n| n == baseline + 4);
+    // Afterwards the pool is full again and no client socket is left open; empty pipes are
+    // kept for reuse, but only a bounded stock of them.
+    let pipes = wait_sockets(pid, "pool refilled", baseline + 4);
+    assert!(pipes <= 2 * 64, "{pipes} pipe descriptors kept");
 
     // The agent dies: its control connection and every pooled connection are released.
     agent.kill9();
-    wait_fds(pid, "back to baseline", |n| n == baseline);
+    wait_sockets(pid, "back to baseline", baseline);
 }

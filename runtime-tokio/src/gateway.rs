@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -59,10 +60,21 @@ pub(crate) struct DataConn {
     pub(crate) early: Vec<u8>,
 }
 
-/// Hands a parked pooled connection to a client: write `bind` to it, then give it away.
-struct BindCmd {
-    bind: Vec<u8>,
-    reply: oneshot::Sender<DataConn>,
+/// A pooled data connection parked until the core binds it to a client. The stream stays
+/// here, so binding takes it without waking another task; `watcher` sees it die meanwhile.
+struct Parked {
+    service: String,
+    /// Always `Some` until a client takes it.
+    stream: Option<MaybeTls>,
+    watcher: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        // The watcher holds a duplicate of the socket: stop it so the connection really closes
+        // (when this one is dropped) or stays solely with the client (when it is taken).
+        self.watcher.abort();
+    }
 }
 
 /// A public client waiting for its data connection.
@@ -76,8 +88,8 @@ struct Inner {
     core: Gateway,
     conns: HashMap<ConnId, mpsc::UnboundedSender<CtrlCmd>>,
     clients: HashMap<ClientId, Waiting>,
-    /// Parked pooled data connections, each waiting in its own task for a client.
-    pooled: HashMap<u64, (String, oneshot::Sender<BindCmd>)>,
+    /// Parked pooled data connections.
+    pooled: HashMap<u64, Parked>,
     /// Registered control connections and their service, for liveness metrics.
     registered: HashMap<ConnId, String>,
 }
@@ -118,10 +130,10 @@ impl Shared {
                     }
                 }
                 GatewayOutput::ClosePooled { pooled } => {
-                    // Dropping the sender wakes the parked task, which closes the connection.
-                    if let Some((service, _)) = inner.pooled.remove(&pooled) {
-                        debug!(%service, pooled, "closing pooled data connection");
-                        self.sync_pool(inner, &service);
+                    // Dropping it closes the connection; the agent sees EOF before any answer.
+                    if let Some(p) = inner.pooled.remove(&pooled) {
+                        debug!(service = %p.service, pooled, "closing pooled data connection");
+                        self.sync_pool(inner, &p.service);
                     }
                 }
                 GatewayOutput::ClientFailed {
@@ -602,18 +614,17 @@ async fn data_conn(
         let mut inner = shared.lock();
         let r = inner.core.handle_data_hello(Instant::now(), &hello, tls);
         let outcome = match r {
-            Ok(DataOutcome::Paired(p)) => inner
-                .clients
-                .remove(&p.client)
-                .map(|w| Ok((p, w)))
-                .ok_or(None),
+            Ok(DataOutcome::Paired(p)) => {
+                inner.clients.remove(&p.client).map(|w| (p, w)).ok_or(None)
+            }
             Ok(DataOutcome::Parked {
                 pooled, service, ..
             }) => {
-                let (tx, rx) = oneshot::channel();
-                inner.pooled.insert(pooled, (service.clone(), tx));
-                shared.sync_pool(&inner, &service);
-                Ok(Err((pooled, service, rx)))
+                // In the same critical section as the core's decision: from now on a client
+                // may be handed this connection, so it must already be in the map.
+                park(&shared, &mut inner, stream, peer, pooled, service, early);
+                shared.drive(&mut inner);
+                return;
             }
             Err(rej) => Err(Some(rej)),
         };
@@ -621,10 +632,7 @@ async fn data_conn(
         outcome
     };
     let (paired, waiting) = match outcome {
-        Ok(Ok(v)) => v,
-        Ok(Err((pooled, service, rx))) => {
-            return park(shared, stream, peer, pooled, service, early, rx).await
-        }
+        Ok(v) => v,
         Err(rej) => {
             let (code, msg) = match rej {
                 Some(r) => (r.code, r.message),
@@ -651,65 +659,122 @@ async fn data_conn(
     let _ = waiting.tx.send(DataConn { stream, early });
 }
 
-/// Holds a pooled data connection until the core binds it to a client (a [`BindCmd`] arrives)
-/// or closes it (the sender is dropped). Anything the agent sends meanwhile, EOF included,
-/// means the connection is unusable: it is reported gone and closed, never handed out.
-async fn park(
-    shared: Arc<Shared>,
-    mut stream: MaybeTls,
+/// Parks a pooled data connection in the shared map and starts its watcher. Anything the agent
+/// sends before DATA_BIND, EOF included, means the connection is unusable: the watcher reports
+/// it gone, and it is closed, never handed out.
+fn park(
+    shared: &Arc<Shared>,
+    inner: &mut Inner,
+    stream: MaybeTls,
     peer: SocketAddr,
     pooled: u64,
     service: String,
     early: Vec<u8>,
-    rx: oneshot::Receiver<BindCmd>,
 ) {
-    debug!(%peer, %service, pooled, "data connection parked in the pool");
-    let mut probe = [0u8; 1];
-    let gone = if !early.is_empty() {
-        Err("the agent sent payload before DATA_BIND".to_owned())
+    let watch = if early.is_empty() {
+        watch_fd(&stream)
     } else {
-        tokio::select! {
-            biased;
-            cmd = rx => Ok(cmd.ok()),
-            r = stream.read(&mut probe) => Err(match r {
-                Ok(0) => "closed by the agent".to_owned(),
-                Ok(_) => "the agent sent payload before DATA_BIND".to_owned(),
-                Err(e) => format!("read failed: {e}"),
-            }),
-        }
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the agent sent payload before DATA_BIND",
+        ))
     };
-    let cmd = match gone {
-        Ok(Some(cmd)) => cmd,
-        Ok(None) => {
-            // Closed by the core: aged out, or its session ended.
-            let _ = tokio::time::timeout(shared.handshake_timeout, stream.shutdown()).await;
-            return;
+    match watch {
+        Ok(dup) => {
+            let watcher = tokio::spawn(watch_parked(shared.clone(), dup, pooled));
+            debug!(%peer, %service, pooled, "data connection parked in the pool");
+            inner.pooled.insert(
+                pooled,
+                Parked {
+                    service: service.clone(),
+                    stream: Some(stream),
+                    watcher,
+                },
+            );
+            shared.sync_pool(inner, &service);
         }
-        Err(reason) => {
-            let mut inner = shared.lock();
-            if inner.pooled.remove(&pooled).is_some() {
-                inner
-                    .core
-                    .handle_pooled_gone(Instant::now(), pooled, &reason);
-                shared.sync_pool(&inner, &service);
-                shared.drive(&mut inner);
-            }
-            debug!(%peer, %service, pooled, "pooled data connection dropped: {reason}");
-            return;
+        Err(e) => {
+            inner
+                .core
+                .handle_pooled_gone(Instant::now(), pooled, &e.to_string());
+            debug!(%peer, %service, pooled, "pooled data connection dropped: {e}");
         }
-    };
-    let wrote = tokio::time::timeout(shared.handshake_timeout, stream.write_all(&cmd.bind)).await;
-    match wrote {
-        Ok(Ok(())) => {
-            let _ = cmd.reply.send(DataConn {
-                stream,
-                early: Vec::new(),
-            });
-        }
-        // Dropping the reply makes the client try the next connection.
-        Ok(Err(e)) => debug!(%peer, %service, pooled, "pooled data connection failed at bind: {e}"),
-        Err(_) => debug!(%peer, %service, pooled, "pooled data connection stalled at bind"),
     }
+}
+
+/// A duplicate of the connection's socket, registered with the runtime on its own, for the
+/// watcher to wait on while the original stays parked.
+fn watch_fd(stream: &MaybeTls) -> io::Result<TcpStream> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let fd = match stream {
+        MaybeTls::Plain(s) => s.as_raw_fd(),
+        MaybeTls::ServerTls(s) => s.get_ref().0.as_raw_fd(),
+        _ => return Err(io::Error::other("not a gateway-side data connection")),
+    };
+    // SAFETY: dup on a socket fd owned by `stream`, which outlives this call.
+    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if dup < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `dup` is a fresh descriptor that nothing else owns.
+    let std = unsafe { std::net::TcpStream::from_raw_fd(dup) };
+    std.set_nonblocking(true)?;
+    TcpStream::from_std(std)
+}
+
+/// Whether a parked socket is still quiet: no EOF, no error, no bytes. Never consumes input.
+fn still_quiet(s: &TcpStream) -> Result<(), String> {
+    let mut probe = [0u8; 1];
+    match s.try_io(tokio::io::Interest::READABLE, || {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a non-blocking peek into a valid buffer on a socket fd we hold.
+        let n = unsafe {
+            libc::recv(
+                s.as_raw_fd(),
+                probe.as_mut_ptr().cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n)
+        }
+    }) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+        Err(e) => Err(format!("read failed: {e}")),
+        Ok(0) => Err("closed by the agent".into()),
+        Ok(_) => Err("the agent sent payload before DATA_BIND".into()),
+    }
+}
+
+/// Waits until the parked connection becomes readable, which it must not before DATA_BIND:
+/// then it is taken out of the pool and closed. Aborted when the connection leaves the pool.
+async fn watch_parked(shared: Arc<Shared>, dup: TcpStream, pooled: u64) {
+    let reason = loop {
+        if let Err(e) = dup.readable().await {
+            break format!("wait failed: {e}");
+        }
+        if let Err(reason) = still_quiet(&dup) {
+            break reason;
+        }
+    };
+    let gone = {
+        let mut inner = shared.lock();
+        let gone = inner.pooled.remove(&pooled);
+        if let Some(p) = &gone {
+            inner
+                .core
+                .handle_pooled_gone(Instant::now(), pooled, &reason);
+            shared.sync_pool(&inner, &p.service);
+            shared.drive(&mut inner);
+            debug!(service = %p.service, pooled, "pooled data connection dropped: {reason}");
+        }
+        gone
+    };
+    // Closes the connection. (Dropping `p` also aborts this task, which has nothing left to do.)
+    drop(gone);
 }
 
 async fn client_accept_loop(shared: Arc<Shared>, service: String, listener: TcpListener) {
@@ -774,7 +839,7 @@ pub(crate) async fn open_data(
                     Ok(None)
                 }
                 Ok(ClientRoute::Pooled { pooled, bind, .. }) => {
-                    let parked = inner.pooled.remove(&pooled).map(|(_, p)| p);
+                    let parked = inner.pooled.remove(&pooled);
                     shared.sync_pool(&inner, service);
                     Ok(Some((pooled, bind, parked)))
                 }
@@ -796,32 +861,57 @@ pub(crate) async fn open_data(
                 return Err(e.into());
             }
             Ok(None) => return await_dialback(shared, service, peer, id, rx).await,
-            Ok(Some((pooled, bind, parked))) => {
-                let (reply, got) = oneshot::channel();
-                let sent = parked.map(|p| p.send(BindCmd { bind, reply }).is_ok());
-                if sent != Some(true) {
-                    let mut inner = shared.lock();
-                    inner.core.handle_pooled_gone(
-                        Instant::now(),
-                        pooled,
-                        "closed before it was used",
-                    );
-                    shared.drive(&mut inner);
-                    continue;
-                }
-                if let Ok(Ok(d)) = tokio::time::timeout(shared.handshake_timeout, got).await {
+            Ok(Some((pooled, bind, parked))) => match bind_pooled(shared, parked, &bind).await {
+                Ok(stream) => {
                     if let Some(m) = svc {
                         m.pairing_latency(since.elapsed());
                     }
                     debug!(%peer, %service, pooled, "client bound to a pooled data connection");
-                    return Ok(d);
+                    return Ok(DataConn {
+                        stream,
+                        early: Vec::new(),
+                    });
                 }
-                debug!(%peer, %service, pooled, "pooled data connection failed at bind; trying again");
-            }
+                Err(reason) => {
+                    let mut inner = shared.lock();
+                    inner
+                        .core
+                        .handle_pooled_gone(Instant::now(), pooled, &reason);
+                    shared.drive(&mut inner);
+                    debug!(%peer, %service, pooled, "pooled data connection unusable ({reason}); trying again");
+                }
+            },
         }
     }
     warn!(%peer, %service, "client dropped: no usable pooled data connection");
     Err(OpenError::Failed)
+}
+
+/// Checks that a pooled connection taken from the pool is still quiet, then writes DATA_BIND
+/// to it. Payload may follow at once.
+async fn bind_pooled(
+    shared: &Shared,
+    parked: Option<Parked>,
+    bind: &[u8],
+) -> Result<MaybeTls, String> {
+    let Some(mut p) = parked else {
+        return Err("not in the pool any more".into());
+    };
+    let Some(mut stream) = p.stream.take() else {
+        return Err("not in the pool any more".into());
+    };
+    drop(p); // stops the watcher
+    let tcp = match &stream {
+        MaybeTls::Plain(s) => s,
+        MaybeTls::ServerTls(s) => s.get_ref().0,
+        _ => return Err("not a gateway-side data connection".into()),
+    };
+    still_quiet(tcp)?;
+    match tokio::time::timeout(shared.handshake_timeout, stream.write_all(bind)).await {
+        Ok(Ok(())) => Ok(stream),
+        Ok(Err(e)) => Err(format!("write failed: {e}")),
+        Err(_) => Err("stalled at DATA_BIND".into()),
+    }
 }
 
 /// Waits for the data connection the agent was asked to dial back for client `id`.
