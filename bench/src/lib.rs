@@ -4,6 +4,8 @@
 //! only, and is checked (`assert!`) so that a benchmark can never silently measure an error
 //! path. Times are fixed `Instant`s: the core never reads a clock itself.
 
+pub mod load;
+
 use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::Instant;

@@ -1,0 +1,118 @@
+//! The load generator of the end-to-end harness, shared with `connload`: an echo server, and
+//! connection-rate load (connect, 16 bytes each way, close) with latency percentiles.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub const PAYLOAD: [u8; 16] = *b"dialback-bench16";
+
+/// Echoes every connection's bytes back until it closes.
+pub async fn echo_server(listener: TcpListener) {
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if s.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// One round trip: connect, send 16 bytes, read 16 bytes back. Returns the open stream.
+pub async fn round_trip(target: SocketAddr) -> Result<TcpStream, String> {
+    let op = async {
+        let mut s = TcpStream::connect(target)
+            .await
+            .map_err(|e| e.to_string())?;
+        s.set_nodelay(true).map_err(|e| e.to_string())?;
+        s.write_all(&PAYLOAD).await.map_err(|e| e.to_string())?;
+        let mut back = [0u8; 16];
+        s.read_exact(&mut back).await.map_err(|e| e.to_string())?;
+        if back != PAYLOAD {
+            return Err("echo mismatch".to_string());
+        }
+        Ok(s)
+    };
+    tokio::time::timeout(Duration::from_secs(3), op)
+        .await
+        .map_err(|_| "round trip timed out".to_string())?
+}
+
+#[derive(Clone, Default)]
+pub struct ConnStats {
+    pub ok: u64,
+    pub errors: u64,
+    pub per_sec: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+/// `concurrency` workers make round trips until `dur` passes or `max` were started.
+pub async fn conn_load(
+    target: SocketAddr,
+    concurrency: usize,
+    dur: Duration,
+    max: u64,
+) -> ConnStats {
+    let issued = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let deadline = start + dur;
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let issued = issued.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0u64;
+            while Instant::now() < deadline && issued.fetch_add(1, Ordering::Relaxed) < max {
+                let t0 = Instant::now();
+                match round_trip(target).await {
+                    Ok(s) => {
+                        lat.push(t0.elapsed());
+                        drop(s);
+                    }
+                    Err(_) => errors += 1,
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        if let Ok((l, e)) = t.await {
+            lat.extend(l);
+            errors += e;
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    lat.sort();
+    let pct = |p: f64| -> f64 {
+        if lat.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1;
+        lat[i].as_secs_f64() * 1e6
+    };
+    ConnStats {
+        ok: lat.len() as u64,
+        errors,
+        per_sec: lat.len() as f64 / elapsed,
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+    }
+}
