@@ -525,6 +525,21 @@ fn every_error_gets_its_status() {
     assert!(r.contains("no service is published at /~~nobody"), "{r}");
     let r = get("/favicon.ico", "");
     assert_eq!(status_of(&r), 404, "{r}");
+    // Refused with 2 MiB of request body unread: the answer still arrives (no reset).
+    let body = dir.path().join("body.bin");
+    std::fs::write(&body, random_bytes(2 * 1024 * 1024, 8)).unwrap();
+    let code = curl_text(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-H",
+        "Expect:",
+        "--data-binary",
+        &format!("@{}", body.display()),
+        &format!("http://{addr}/~~nobody/upload"),
+    ]);
+    assert_eq!(code, "404");
 
     let r = get("/~~down/", "");
     assert_eq!(status_of(&r), 502, "{r}");
@@ -578,7 +593,7 @@ fn every_error_gets_its_status() {
     for line in [
         "dialback_gateway_http_responses_total{service=\"up\",code=\"200\"} 1",
         "dialback_gateway_http_responses_total{service=\"down\",code=\"502\"} 1",
-        "dialback_gateway_http_unrouted_total{code=\"404\"} 2",
+        "dialback_gateway_http_unrouted_total{code=\"404\"} 3",
         "dialback_gateway_http_unrouted_total{code=\"400\"} 2",
         "dialback_gateway_http_unrouted_total{code=\"408\"} 2",
         "dialback_gateway_http_unrouted_total{code=\"431\"} 1",

@@ -23,6 +23,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
@@ -37,6 +38,9 @@ use crate::tls;
 const HEAD_CHUNK: usize = 4 * 1024;
 /// Room made for each read of a body.
 const BODY_CHUNK: usize = 64 * 1024;
+/// How long, and how much, a refused client's remaining request is read and dropped.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 16 * 1024 * 1024;
 /// A buffer larger than this is shrunk after each exchange.
 const IDLE_BUF: usize = 16 * 1024;
 /// Response heads from services may be larger than what clients may send (cookies, CSP).
@@ -406,6 +410,19 @@ impl Conn {
             let _ = self.wr.shutdown().await;
         })
         .await;
+        // Closing with unread request bytes makes the kernel reset the connection, and the
+        // reset can destroy the answer before the client reads it: read on for a moment.
+        let _ = tokio::time::timeout(LINGER, async {
+            let mut sink = [0u8; 4096];
+            let mut left = LINGER_BYTES;
+            while left > 0 {
+                match self.rd.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        })
+        .await;
     }
 
     /// The next request head, or `None` when the connection is done (answered if needed).
@@ -632,7 +649,9 @@ impl Conn {
             t.add_up(out.len() as u64);
         }
         let mut body = BodyState::new(framing);
+        let body_pending = !body.is_done();
         let started = AtomicBool::new(false);
+        let upload_done = Notify::new();
         let (outcome, uploaded) = {
             let upload = send_body(
                 &mut self.rd,
@@ -652,13 +671,18 @@ impl Conn {
                 be.traffic.as_ref(),
                 self.front.response_timeout,
                 &started,
+                &upload_done,
+                body_pending,
             );
             tokio::pin!(upload, download);
             let mut uploaded = false;
             loop {
                 tokio::select! {
                     r = &mut upload, if !uploaded => match r {
-                        Ok(()) => uploaded = true,
+                        Ok(()) => {
+                            uploaded = true;
+                            upload_done.notify_one();
+                        }
                         Err(why) => {
                             let sent = started.load(Ordering::Relaxed);
                             return Err(RespError::Failed { status: 400, why, sent });
@@ -810,6 +834,8 @@ async fn pass_response<R, W>(
     traffic: Option<&ConnectionGuard>,
     response_timeout: Duration,
     started: &AtomicBool,
+    uploaded: &Notify,
+    body_pending: bool,
 ) -> Result<Passed, RespError>
 where
     R: AsyncRead + Unpin,
@@ -819,7 +845,9 @@ where
     let mut sent = false;
     let failed = |status: u16, why: String, sent: bool| RespError::Failed { status, why, sent };
     let host = request.get("host").map(str::to_owned);
-    let deadline = Instant::now() + response_timeout;
+    // The service has response_timeout to answer once it has the whole request; while the
+    // body is still going up, the upload's own stall timeout applies.
+    let mut deadline = (!body_pending).then(|| Instant::now() + response_timeout);
     loop {
         let (head, len) = loop {
             match parse_response(buf, &RESPONSE_LIMITS) {
@@ -827,7 +855,17 @@ where
                 Ok(None) => {}
                 Err(why) => return Err(failed(502, format!("service {service}: {why}"), sent)),
             }
-            match tokio::time::timeout_at(deadline.into(), read_more(rd, buf, HEAD_CHUNK)).await {
+            let read = match deadline {
+                Some(d) => tokio::time::timeout_at(d.into(), read_more(rd, buf, HEAD_CHUNK)).await,
+                None => tokio::select! {
+                    r = read_more(rd, buf, HEAD_CHUNK) => Ok(r),
+                    _ = uploaded.notified() => {
+                        deadline = Some(Instant::now() + response_timeout);
+                        continue;
+                    }
+                },
+            };
+            match read {
                 Ok(Ok(0)) if buf.is_empty() && !sent => return Err(RespError::Nothing),
                 Ok(Ok(0)) => {
                     return Err(failed(
