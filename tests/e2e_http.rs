@@ -313,6 +313,105 @@ fn curl_through_prefixes_keeps_alive_across_two_services() {
     assert_eq!(by_referer["service"], "alpha");
 }
 
+/// Reads one response with a Content-Length body from `s`; `None` at EOF before its head.
+fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(u16, Vec<u8>)> {
+    let mut chunk = [0u8; 16 * 1024];
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = s.read(&mut chunk).unwrap();
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0);
+    while buf.len() < end + len {
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "EOF in a response body");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = buf[end..end + len].to_vec();
+    buf.drain(..end + len);
+    Some((status_of(&head), body))
+}
+
+#[test]
+fn kept_alive_connections_carry_hundreds_of_requests() {
+    let dir = Dir::new();
+    // Services that answer at once: a response can then be complete before the gateway has
+    // noticed that the request (without body) was fully sent.
+    let alpha = Helper::start("fast_http.py", &["alpha"]);
+    let beta = Helper::start("fast_http.py", &["beta"]);
+    let setup = Setup::start(
+        &dir,
+        FAST_TIMERS,
+        "listen = \"127.0.0.1:0\"",
+        &[
+            Svc {
+                name: "alpha",
+                local: alpha.addr,
+                gateway_keys: "",
+            },
+            Svc {
+                name: "beta",
+                local: beta.addr,
+                gateway_keys: "",
+            },
+        ],
+        &[],
+    );
+    let addr = setup.http.unwrap();
+    let clients: Vec<_> = (0..4)
+        .map(|k| {
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.set_nodelay(true).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                let mut buf = Vec::new();
+                // One at a time, then pipelined in pairs; mostly one service, sometimes the
+                // other; HTTP/1.0 keep-alive requests too. The connection stays open throughout.
+                for i in 0..300 {
+                    let service = if (i + k) % 50 == 49 { "beta" } else { "alpha" };
+                    let request = if i % 7 == 0 {
+                        format!("GET /~~{service}/ HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+                    } else {
+                        format!("GET /~~{service}/ HTTP/1.1\r\nHost: gw\r\n\r\n")
+                    };
+                    let pipelined = i % 3 == 0;
+                    let wire = if pipelined {
+                        request.repeat(2)
+                    } else {
+                        request
+                    };
+                    s.write_all(wire.as_bytes()).unwrap();
+                    for _ in 0..(1 + usize::from(pipelined)) {
+                        let (status, body) = read_response(&mut s, &mut buf).unwrap_or_else(|| {
+                            panic!(
+                                "client {k}: the gateway closed the connection after {i} requests"
+                            )
+                        });
+                        assert_eq!(status, 200);
+                        assert_eq!(
+                            json(std::str::from_utf8(&body).unwrap())["message"],
+                            format!("hello from {service}")
+                        );
+                    }
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+}
+
 #[test]
 fn large_upload_and_download_keep_their_checksums() {
     let dir = Dir::new();

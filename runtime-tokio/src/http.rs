@@ -678,6 +678,8 @@ impl Conn {
             let mut uploaded = false;
             loop {
                 tokio::select! {
+                    // The upload first: a response can be complete in the same poll.
+                    biased;
                     r = &mut upload, if !uploaded => match r {
                         Ok(()) => {
                             uploaded = true;
@@ -692,6 +694,8 @@ impl Conn {
                 }
             }
         };
+        // The response may have been complete before the upload future noticed its end.
+        let uploaded = uploaded || body.is_done();
         match outcome? {
             Passed::Upgraded => Ok(Exchanged::Upgraded),
             Passed::Done {
