@@ -1,7 +1,10 @@
 //! Moving payload bytes between a public client (or local service) and a data connection once
 //! they are paired: splice(2) when both ends are plain TCP, buffered copies under TLS.
 
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
+use std::sync::OnceLock;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -9,6 +12,38 @@ use tracing::debug;
 
 use crate::splice::{self, Tally};
 use crate::stream::MaybeTls;
+
+/// What a [`DataPlane`] relay resolves to: (bytes a→b, bytes b→a).
+pub type RelayFuture<'a> = Pin<Box<dyn Future<Output = io::Result<(u64, u64)>> + Send + 'a>>;
+
+/// Relays plain TCP pairs somewhere other than this tokio runtime (the io_uring runtime's
+/// thread-per-core loops). Installed once per process with [`set_data_plane`].
+pub trait DataPlane: Send + Sync + 'static {
+    /// Relays both directions between `a` and `b` until both have ended, exactly like the
+    /// splice path of [`relay`] (half-close passed on; an error ends both). Reports delivered
+    /// bytes to the tallies (at least when the relay ends) and returns (a→b, b→a).
+    ///
+    /// The plane must take its own references to the sockets (duplicate the descriptors)
+    /// before this returns: the caller may drop the returned future and close its sockets at
+    /// any time, and a descriptor number must never be used after that.
+    fn relay<'a>(
+        &'a self,
+        a: &TcpStream,
+        b: &TcpStream,
+        tally_ab: Tally<'a>,
+        tally_ba: Tally<'a>,
+    ) -> RelayFuture<'a>;
+
+    /// For logs: which mechanism moves the bytes.
+    fn name(&self) -> &'static str;
+}
+
+static DATA_PLANE: OnceLock<Box<dyn DataPlane>> = OnceLock::new();
+
+/// Sends every later plain relay of this process to `plane`. Fails if one is already set.
+pub fn set_data_plane(plane: Box<dyn DataPlane>) -> Result<(), Box<dyn DataPlane>> {
+    DATA_PLANE.set(plane)
+}
 
 /// Relays both directions until both are finished. `a_early` are bytes that already arrived
 /// for `a` (payload right behind a handshake frame); they are written to `a` first, never
@@ -43,6 +78,10 @@ pub async fn relay(
             return Ok((ab, ba + early));
         }
     };
+    if let Some(plane) = DATA_PLANE.get() {
+        let (ab, ba) = plane.relay(a, &plain, tally_ab, tally_ba).await?;
+        return Ok((ab, ba + early));
+    }
     match splice::Pipes::new() {
         Ok(pipes) => {
             let (ab, ba) = splice::relay(a, &plain, pipes, tally_ab, tally_ba).await?;

@@ -14,7 +14,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 /// Bytes moved per splice call; also the pipe capacity we ask for.
-const CHUNK: usize = 1 << 20;
+pub const CHUNK: usize = 1 << 20;
 
 /// Empty pipes kept for reuse (each holds two file descriptors and no buffered pages).
 const STOCK_MAX: usize = 64;
@@ -26,7 +26,7 @@ fn stock() -> std::sync::MutexGuard<'static, Vec<Pipe>> {
 }
 
 /// Returns a pipe to the stock if it is certainly empty; otherwise it is closed.
-fn recycle(pipe: Pipe) {
+pub fn recycle(pipe: Pipe) {
     if pipe.pending == 0 {
         let mut s = stock();
         if s.len() < STOCK_MAX {
@@ -35,15 +35,33 @@ fn recycle(pipe: Pipe) {
     }
 }
 
-/// A non-blocking pipe; both ends close when it is dropped.
-struct Pipe {
+/// A non-blocking pipe; both ends close when it is dropped. Shared with other data planes
+/// (the io_uring runtime) so that every relay uses the same stock and accounting.
+pub struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
     /// Bytes sitting in the pipe, spliced in but not yet out.
-    pending: usize,
+    pub pending: usize,
 }
 
 impl Pipe {
+    /// An empty pipe from the stock, or a new one.
+    pub fn take() -> io::Result<Pipe> {
+        let stocked = stock().pop();
+        match stocked {
+            Some(p) => Ok(p),
+            None => Pipe::new(),
+        }
+    }
+
+    pub fn read_fd(&self) -> RawFd {
+        self.read.as_raw_fd()
+    }
+
+    pub fn write_fd(&self) -> RawFd {
+        self.write.as_raw_fd()
+    }
+
     fn new() -> io::Result<Pipe> {
         let mut fds = [0 as RawFd; 2];
         // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
@@ -64,7 +82,8 @@ impl Pipe {
     }
 }
 
-fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+/// One non-blocking splice(2) between a socket and a pipe.
+pub fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: null offsets are allowed for pipes and sockets; the fds are valid for the call.
     let n = unsafe {
         libc::splice(
@@ -84,8 +103,13 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 }
 
 fn shutdown_write(s: &TcpStream) {
-    // SAFETY: shutdown on a socket fd owned by `s`.
-    unsafe { libc::shutdown(s.as_raw_fd(), libc::SHUT_WR) };
+    shutdown_write_fd(s.as_raw_fd());
+}
+
+/// Passes an EOF on (half-close): no more bytes will be written to this socket.
+pub fn shutdown_write_fd(fd: RawFd) {
+    // SAFETY: shutdown on a socket fd the caller holds open.
+    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
 }
 
 /// Moves bytes from `from` to `to` until EOF, then shuts down `to`'s write side (half-close)
@@ -159,19 +183,7 @@ pub struct Pipes(Pipe, Pipe);
 impl Pipes {
     /// Two empty pipes, from the stock when it has them.
     pub fn new() -> io::Result<Pipes> {
-        let (a, b) = {
-            let mut s = stock();
-            (s.pop(), s.pop())
-        };
-        let a = match a {
-            Some(p) => p,
-            None => Pipe::new()?,
-        };
-        let b = match b {
-            Some(p) => p,
-            None => Pipe::new()?,
-        };
-        Ok(Pipes(a, b))
+        Ok(Pipes(Pipe::take()?, Pipe::take()?))
     }
 }
 

@@ -1,0 +1,176 @@
+//! The io_uring runtime's data plane: every plain relay of the process (public client ↔ data
+//! connection at the gateway, data connection ↔ local service at the agent) runs on one of a
+//! few thread-per-core loops that wait on io_uring and move bytes with splice(2).
+//!
+//! Why this mechanism (measured on the target kernel, `bench/URING.md`): relaying one TCP
+//! stream through one thread, IORING_OP_POLL_ADD + splice(2) matched plain splice(2) (~1.9
+//! GiB/s), while IORING_OP_SPLICE (~1.4–1.8), RECV + SEND through buffers (~1.3–1.4) and
+//! RECV + SEND_ZC (~1.1–1.2) were slower. So the ring only tells a loop *when* a socket is
+//! ready; the bytes still go socket → pipe → socket without entering user space.
+//!
+//! The control plane (TLS handshakes, the sans-IO core, timers, the admin endpoint) stays on
+//! tokio; it hands each paired connection to a loop through [`UringDataPlane`], which
+//! implements `dialback_tokio::relay::DataPlane`.
+
+mod executor;
+mod relay;
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use dialback_tokio::relay::{DataPlane, RelayFuture};
+use dialback_tokio::splice::Tally;
+use tokio::net::TcpStream;
+
+/// Bytes delivered so far in each direction, written by the loop, read by the waiting task.
+#[derive(Default)]
+pub(crate) struct Progress {
+    pub(crate) ab: AtomicU64,
+    pub(crate) ba: AtomicU64,
+}
+
+/// One relay handed to a loop: its own duplicates of both sockets.
+pub(crate) struct Job {
+    pub(crate) a: OwnedFd,
+    pub(crate) b: OwnedFd,
+    pub(crate) progress: Arc<Progress>,
+    pub(crate) done: tokio::sync::oneshot::Sender<io::Result<(u64, u64)>>,
+}
+
+struct Worker {
+    jobs: mpsc::Sender<Job>,
+    /// Written to wake the loop when a job is queued.
+    wake: Arc<OwnedFd>,
+}
+
+/// Thread-per-core io_uring relay loops.
+pub struct UringDataPlane {
+    workers: Vec<Worker>,
+    next: AtomicUsize,
+}
+
+impl UringDataPlane {
+    /// Starts `threads` loops (0: half the available cores, at least one — the other half
+    /// runs the tokio control plane; one loop per core oversubscribed a 2-core machine and
+    /// cost 40% of the connection rate). Fails with a clear error when the kernel refuses
+    /// io_uring (too old, or disabled by `kernel.io_uring_disabled`).
+    pub fn start(threads: usize) -> io::Result<UringDataPlane> {
+        let threads = if threads == 0 {
+            (std::thread::available_parallelism().map_or(1, |n| n.get()) / 2).max(1)
+        } else {
+            threads
+        };
+        let mut workers = Vec::with_capacity(threads);
+        for i in 0..threads {
+            let (tx, rx) = mpsc::channel();
+            let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+            std::thread::Builder::new()
+                .name(format!("dialback-uring-{i}"))
+                .spawn(move || executor::run(rx, ready_tx))?;
+            let wake = ready_rx
+                .recv()
+                .map_err(|_| io::Error::other("io_uring loop died while starting"))??;
+            workers.push(Worker {
+                jobs: tx,
+                wake: Arc::new(wake),
+            });
+        }
+        Ok(UringDataPlane {
+            workers,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.workers.len()
+    }
+
+    fn submit(&self, job: Job) -> io::Result<()> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
+        let w = &self.workers[i];
+        w.jobs
+            .send(job)
+            .map_err(|_| io::Error::other("io_uring loop is gone"))?;
+        let one: u64 = 1;
+        // SAFETY: an 8-byte write from a valid u64 to an eventfd we own.
+        let n = unsafe { libc::write(w.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        if n != 8 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+fn dup(s: &TcpStream) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC on a socket the caller keeps open during this call.
+    let fd = unsafe { libc::fcntl(s.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// How often live traffic counters are brought up to date while a relay runs.
+const TALLY_EVERY: Duration = Duration::from_millis(500);
+
+impl DataPlane for UringDataPlane {
+    fn relay<'a>(
+        &'a self,
+        a: &TcpStream,
+        b: &TcpStream,
+        tally_ab: Tally<'a>,
+        tally_ba: Tally<'a>,
+    ) -> RelayFuture<'a> {
+        // Duplicate now, before returning: from here on the loop owns its own descriptors.
+        let fds = dup(a).and_then(|a| Ok((a, dup(b)?)));
+        Box::pin(async move {
+            let (a, b) = fds?;
+            let progress = Arc::new(Progress::default());
+            let (done, mut result) = tokio::sync::oneshot::channel();
+            self.submit(Job {
+                a,
+                b,
+                progress: progress.clone(),
+                done,
+            })?;
+            let (mut told_ab, mut told_ba) = (0u64, 0u64);
+            let mut tell = |p: &Progress| {
+                let (ab, ba) = (p.ab.load(Ordering::Relaxed), p.ba.load(Ordering::Relaxed));
+                if ab > told_ab {
+                    tally_ab(ab - told_ab);
+                    told_ab = ab;
+                }
+                if ba > told_ba {
+                    tally_ba(ba - told_ba);
+                    told_ba = ba;
+                }
+            };
+            loop {
+                tokio::select! {
+                    r = &mut result => {
+                        tell(&progress);
+                        return r.map_err(|_| io::Error::other("io_uring loop dropped the relay"))?;
+                    }
+                    _ = tokio::time::sleep(TALLY_EVERY) => tell(&progress),
+                }
+            }
+        })
+    }
+
+    fn name(&self) -> &'static str {
+        "io_uring poll + splice(2)"
+    }
+}
+
+/// Starts the loops and routes every later plain relay of this process through them.
+pub fn install(threads: usize) -> io::Result<usize> {
+    let plane = UringDataPlane::start(threads)?;
+    let n = plane.threads();
+    dialback_tokio::relay::set_data_plane(Box::new(plane))
+        .map_err(|_| io::Error::other("a data plane is already installed"))?;
+    Ok(n)
+}

@@ -1,0 +1,135 @@
+//! The relay a loop runs for one job: both directions at once, socket → pipe → socket with
+//! splice(2), waiting on io_uring when a socket is not ready. Same rules as the tokio splice
+//! path: half-close passed on, an error ends both directions, empty pipes go back to the
+//! shared stock.
+
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use dialback_tokio::splice::{recycle, shutdown_write_fd, splice, Pipe, CHUNK};
+
+use crate::executor::readiness;
+use crate::Job;
+
+const POLLIN: u32 = libc::POLLIN as u32;
+const POLLOUT: u32 = libc::POLLOUT as u32;
+
+pub(crate) async fn run_job(job: Job) {
+    let r = relay(job.a.as_raw_fd(), job.b.as_raw_fd(), &job.progress).await;
+    let Job { a, b, done, .. } = job;
+    // Close our duplicates before reporting, so the caller's close really ends the sockets.
+    drop((a, b));
+    let _ = done.send(r);
+}
+
+async fn relay(a: RawFd, b: RawFd, progress: &crate::Progress) -> io::Result<(u64, u64)> {
+    let mut ab = Pipe::take()?;
+    let mut ba = Pipe::take()?;
+    let r = TryJoin {
+        a: Some(Box::pin(one_way(a, b, &mut ab, &progress.ab))),
+        b: Some(Box::pin(one_way(b, a, &mut ba, &progress.ba))),
+        ra: None,
+        rb: None,
+    }
+    .await;
+    // After an error a pipe may hold bytes of this connection: `recycle` closes those.
+    recycle(ab);
+    recycle(ba);
+    r
+}
+
+async fn one_way(from: RawFd, to: RawFd, pipe: &mut Pipe, moved: &AtomicU64) -> io::Result<u64> {
+    let mut total = 0u64;
+    let mut eof = false;
+    loop {
+        let mut progress = false;
+        if !eof {
+            match splice(from, pipe.write_fd(), CHUNK) {
+                Ok(0) => eof = true,
+                Ok(n) => {
+                    pipe.pending += n;
+                    progress = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if pipe.pending > 0 {
+            match splice(pipe.read_fd(), to, pipe.pending) {
+                Ok(n) => {
+                    pipe.pending -= n;
+                    total += n as u64;
+                    moved.fetch_add(n as u64, Ordering::Relaxed);
+                    progress |= n > 0;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if eof && pipe.pending == 0 {
+            shutdown_write_fd(to);
+            return Ok(total);
+        }
+        if progress {
+            continue;
+        }
+        // Poll readiness is level-triggered: no wake-up can be lost between the splice that
+        // found nothing and this wait.
+        if pipe.pending > 0 {
+            readiness(to, POLLOUT).await?;
+        } else {
+            readiness(from, POLLIN).await?;
+        }
+    }
+}
+
+type Dir<'a> = Pin<Box<dyn Future<Output = io::Result<u64>> + 'a>>;
+
+/// Both directions; the first error ends the relay (dropping the other direction cancels its
+/// wait).
+struct TryJoin<'a> {
+    a: Option<Dir<'a>>,
+    b: Option<Dir<'a>>,
+    ra: Option<u64>,
+    rb: Option<u64>,
+}
+
+impl Future for TryJoin<'_> {
+    type Output = io::Result<(u64, u64)>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        if let Some(f) = this.a.as_mut() {
+            if let Poll::Ready(r) = f.as_mut().poll(cx) {
+                this.a = None;
+                match r {
+                    Ok(n) => this.ra = Some(n),
+                    Err(e) => {
+                        this.b = None;
+                        return Poll::Ready(Err(e));
+                    }
+                }
+            }
+        }
+        if let Some(f) = this.b.as_mut() {
+            if let Poll::Ready(r) = f.as_mut().poll(cx) {
+                this.b = None;
+                match r {
+                    Ok(n) => this.rb = Some(n),
+                    Err(e) => {
+                        this.a = None;
+                        return Poll::Ready(Err(e));
+                    }
+                }
+            }
+        }
+        match (this.ra, this.rb) {
+            (Some(a), Some(b)) => Poll::Ready(Ok((a, b))),
+            _ => Poll::Pending,
+        }
+    }
+}
