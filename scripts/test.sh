@@ -42,3 +42,6 @@ cargo build --workspace --all-targets --locked
 # nextest runs every test in its own process, so end-to-end tests cannot disturb each other.
 # (The crates have no doctests; nextest does not run them.)
 cargo nextest run --workspace --locked --no-fail-fast "$@"
+# Conformance: every end-to-end test again with gateways and agents on the io_uring runtime.
+DIALBACK_TEST_RUNTIME=uring cargo nextest run -p dialback --locked --no-fail-fast \
+  -E 'kind(test)' "$@"

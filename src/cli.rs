@@ -33,8 +33,10 @@ pub enum LogFormat {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Runtime {
-    /// tokio, multi-threaded (the default)
+    /// tokio, multi-threaded, epoll (the default)
     Tokio,
+    /// relays on thread-per-core io_uring loops (poll + splice); control plane on tokio
+    Uring,
 }
 
 #[derive(Debug, Subcommand)]
@@ -94,7 +96,7 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub config: ConfigArg,
 
-    /// I/O runtime (io_uring is coming)
+    /// I/O runtime: tokio (epoll), or uring (relays driven by io_uring)
     #[arg(long, value_enum, default_value_t = Runtime::Tokio)]
     pub runtime: Runtime,
 }
@@ -160,7 +162,7 @@ mod tests {
 
     #[test]
     fn unknown_runtime_is_rejected() {
-        let err = parse(&["gateway", "-c", "gw.toml", "--runtime", "uring"]).unwrap_err();
+        let err = parse(&["gateway", "-c", "gw.toml", "--runtime", "epoll"]).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidValue);
     }
 
@@ -172,7 +174,18 @@ mod tests {
             .unwrap()
             .render_long_help()
             .to_string();
-        assert!(help.contains("io_uring is coming"), "{help}");
+        assert!(
+            help.contains("uring") && help.contains("io_uring"),
+            "{help}"
+        );
+        let args = match parse(&["agent", "-c", "a.toml", "--runtime", "uring"])
+            .unwrap()
+            .command
+        {
+            Command::Agent(a) => a,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(args.runtime, Runtime::Uring);
     }
 
     #[test]

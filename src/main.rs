@@ -46,16 +46,18 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
         Command::Gateway(args) => {
             let (settings, warnings) = config::load_gateway(&args.config.path)?;
             log_warnings(&warnings);
-            match args.runtime {
-                Runtime::Tokio => run::gateway(settings)?,
+            if args.runtime == Runtime::Uring {
+                run::install_uring()?;
             }
+            run::gateway(settings)?;
         }
         Command::Agent(args) => {
             let (settings, warnings) = config::load_agent(&args.config.path)?;
             log_warnings(&warnings);
-            match args.runtime {
-                Runtime::Tokio => run::agent(settings)?,
+            if args.runtime == Runtime::Uring {
+                run::install_uring()?;
             }
+            run::agent(settings)?;
         }
         Command::Fingerprint(args) => fingerprint(&args.path)?,
         Command::Check(args) => return Ok(check(&args.path)),

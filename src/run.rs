@@ -28,6 +28,20 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the tokio runtime")
 }
 
+/// Routes every plain relay of this process through io_uring loops, one per core.
+pub fn install_uring() -> anyhow::Result<()> {
+    let loops = dialback_uring::install(0).context(
+        "cannot start the io_uring runtime (kernel too old, or io_uring disabled by the \
+         kernel.io_uring_disabled sysctl or a seccomp profile); run with --runtime tokio",
+    )?;
+    tracing::info!(
+        loops,
+        mechanism = "io_uring poll + splice(2)",
+        "io_uring data plane started"
+    );
+    Ok(())
+}
+
 /// Completes on Ctrl-C or SIGTERM.
 async fn shutdown_signal() {
     let term = async {

@@ -22,11 +22,28 @@ pub struct Proc {
     lines: Arc<(Mutex<Vec<String>>, Condvar)>,
 }
 
+/// The runtime every gateway and agent of the suite runs on: `DIALBACK_TEST_RUNTIME=uring`
+/// runs the whole end-to-end suite again on the io_uring runtime (scripts/test.sh does both).
+pub fn test_runtime() -> &'static str {
+    match std::env::var("DIALBACK_TEST_RUNTIME").as_deref() {
+        Ok("uring") => "uring",
+        Ok("tokio") | Err(_) => "tokio",
+        Ok(other) => panic!("DIALBACK_TEST_RUNTIME={other:?}: expected tokio or uring"),
+    }
+}
+
 impl Proc {
     pub fn start(name: &str, args: &[&str]) -> Proc {
+        let serves = matches!(args.first(), Some(&"gateway" | &"agent"));
+        let runtime: &[&str] = if serves {
+            &["--runtime", test_runtime()]
+        } else {
+            &[]
+        };
         let mut child = Command::new(BIN)
             .args(["--log-format", "json"])
             .args(args)
+            .args(runtime)
             .env("RUST_LOG", "info,dialback_tokio=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -235,6 +252,11 @@ pub struct RunningGateway {
 impl RunningGateway {
     pub fn start(config: &Path) -> RunningGateway {
         let proc = Proc::start("gateway", &["gateway", "-c", config.to_str().unwrap()]);
+        if test_runtime() == "uring" {
+            proc.wait_for("io_uring data plane", STARTUP, |l| {
+                message_is(l, "io_uring data plane started")
+            });
+        }
         let fp_line = proc.wait_for("fingerprint", STARTUP, |l| {
             field(l, "fingerprint").is_some()
         });
