@@ -216,11 +216,12 @@ struct Running {
 fn start_dialback(
     bin: &Path,
     dir: &Path,
+    runtime: &str,
     echo: u16,
     iperf: u16,
     cmds: &mut Vec<String>,
 ) -> Result<Running, String> {
-    let dir = dir.join("dialback");
+    let dir = dir.join(format!("dialback-{runtime}"));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let (ctl, pub_echo, pub_iperf) = (free_port(), free_port(), free_port());
     let gw = format!(
@@ -247,11 +248,11 @@ fn start_dialback(
     std::fs::write(&agent_path, &agent).map_err(|e| e.to_string())?;
     cmds.push(format!("{} fingerprint -c gateway.toml", bin.display()));
     cmds.push(format!(
-        "RUST_LOG=warn {} gateway -c gateway.toml",
+        "RUST_LOG=warn {} gateway -c gateway.toml --runtime {runtime}",
         bin.display()
     ));
     cmds.push(format!(
-        "RUST_LOG=warn {} agent -c agent.toml",
+        "RUST_LOG=warn {} agent -c agent.toml --runtime {runtime}",
         bin.display()
     ));
     cmds.push(format!("gateway.toml:\n{gw}"));
@@ -260,7 +261,7 @@ fn start_dialback(
         "dialback gateway",
         Command::new(bin)
             .env("RUST_LOG", "warn")
-            .args(["gateway", "-c"])
+            .args(["gateway", "--runtime", runtime, "-c"])
             .arg(&gw_path),
         &dir.join("gateway.log"),
     )?;
@@ -268,7 +269,7 @@ fn start_dialback(
         "dialback agent",
         Command::new(bin)
             .env("RUST_LOG", "warn")
-            .args(["agent", "-c"])
+            .args(["agent", "--runtime", runtime, "-c"])
             .arg(&agent_path),
         &dir.join("agent.log"),
     )?;
@@ -444,24 +445,20 @@ fn mb(v: Option<u64>) -> String {
     v.map_or("–".into(), |k| format!("{:.1} MB", k as f64 / 1024.0))
 }
 
-type Row = (String, [String; 3], Option<f64>, Option<f64>);
+/// One metric: the label, one cell per system, and the raw values (same order).
+type Row = (String, Vec<String>, Vec<Option<f64>>);
 
-fn table(d: &Results, db: &Results, rh: &Results) -> (String, Vec<Row>) {
+/// `sys` is direct first, rathole last, the dialback runtimes in between.
+fn table(sys: &[(&str, &Results)]) -> (String, Vec<Row>) {
     let mut rows: Vec<Row> = Vec::new();
-    let sys = [d, db, rh];
     let mut num =
         |label: &str, f: &dyn Fn(&Results) -> Option<f64>, show: &dyn Fn(f64) -> String| {
             let vals: Vec<Option<f64>> = sys
                 .iter()
-                .map(|r| if r.available { f(r) } else { None })
+                .map(|(_, r)| if r.available { f(r) } else { None })
                 .collect();
-            let cells = [0, 1, 2].map(|i| vals[i].map_or("–".into(), show));
-            rows.push((
-                label.to_string(),
-                cells,
-                ratio(vals[1], vals[0]),
-                ratio(vals[1], vals[2]),
-            ));
+            let cells = vals.iter().map(|v| v.map_or("–".into(), show)).collect();
+            rows.push((label.to_string(), cells, vals));
         };
     let g = |b: f64| gbps(Some(b));
     let per = |v: f64| format!("{v:.0}/s");
@@ -535,28 +532,57 @@ fn table(d: &Results, db: &Results, rh: &Results) -> (String, Vec<Row>) {
         },
         &|v| format!("{v:.0}"),
     );
+    let n = sys.len();
+    let dialbacks = 1..n - 1;
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "| metric | direct | dialback | rathole tcp | dialback / direct | dialback / rathole |"
-    );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
-    for (label, cells, rd, rr) in &rows {
-        let _ = writeln!(
-            out,
-            "| {label} | {} | {} | {} | {} | {} |",
-            cells[0],
-            cells[1],
-            cells[2],
-            fmt_ratio(*rd),
-            fmt_ratio(*rr)
-        );
+    let mut head = String::from("| metric |");
+    for (name, _) in sys {
+        head.push_str(&format!(" {name} |"));
+    }
+    for i in dialbacks.clone() {
+        head.push_str(&format!(
+            " {} / direct | {} / rathole |",
+            sys[i].0, sys[i].0
+        ));
+    }
+    if n == 4 {
+        head.push_str(&format!(" {} / {} |", sys[2].0, sys[1].0));
+    }
+    let _ = writeln!(out, "{head}");
+    let cols = head.matches('|').count() - 1;
+    let _ = writeln!(out, "|---|{}", "---:|".repeat(cols - 1));
+    for (label, cells, vals) in &rows {
+        let mut line = format!("| {label} |");
+        for c in cells {
+            line.push_str(&format!(" {c} |"));
+        }
+        for i in dialbacks.clone() {
+            line.push_str(&format!(
+                " {} | {} |",
+                fmt_ratio(ratio(vals[i], vals[0])),
+                fmt_ratio(ratio(vals[i], vals[n - 1]))
+            ));
+        }
+        if n == 4 {
+            line.push_str(&format!(" {} |", fmt_ratio(ratio(vals[2], vals[1]))));
+        }
+        let _ = writeln!(out, "{line}");
     }
     (out, rows)
 }
 
 fn targets(rows: &[Row], db: &Results) -> String {
     let find = |l: &str| rows.iter().find(|r| r.0 == l);
+    let n = rows.first().map_or(0, |r| r.2.len());
+    // (tokio / direct, tokio / rathole, uring / tokio)
+    let rel = |r: &Row| -> (Option<f64>, Option<f64>, Option<f64>) {
+        let v = &r.2;
+        (
+            ratio(v[1], v[0]),
+            ratio(v[1], v[n - 1]),
+            if n == 4 { ratio(v[2], v[1]) } else { None },
+        )
+    };
     let mut out = String::new();
     let _ = writeln!(out, "| target (DESIGN.md \"Targets\") | this run |");
     let _ = writeln!(out, "|---|---|");
@@ -570,23 +596,26 @@ fn targets(rows: &[Row], db: &Results) -> String {
     for l in ["iperf3 1 stream", "iperf3 4 streams"] {
         line(
             &format!("throughput, plain data channel ≥1.5x rathole tcp ({l})"),
-            judge(find(l).and_then(|r| r.3), &|x| x >= 1.5),
+            judge(find(l).and_then(|r| rel(r).1), &|x| x >= 1.5),
         );
     }
     line(
         "throughput aim 2x rathole tcp (iperf3 1 stream)",
-        judge(find("iperf3 1 stream").and_then(|r| r.3), &|x| x >= 2.0),
+        judge(find("iperf3 1 stream").and_then(|r| rel(r).1), &|x| {
+            x >= 2.0
+        }),
     );
     for l in ["conn/s, concurrency 1", "conn/s, concurrency 32"] {
         line(
             &format!("new connections/s ≥2x rathole ({l})"),
-            judge(find(l).and_then(|r| r.3), &|x| x >= 2.0),
+            judge(find(l).and_then(|r| rel(r).1), &|x| x >= 2.0),
         );
     }
     line(
-        "connect-to-first-byte p50 ≤1.5x direct (concurrency 1; DESIGN says \"pooled\", \
-         this harness does not pre-warm a pool)",
-        judge(find("p50, concurrency 1").and_then(|r| r.2), &|x| x <= 1.5),
+        "pooled connect-to-first-byte p50 ≤1.5x direct (concurrency 1, pool = 4)",
+        judge(find("p50, concurrency 1").and_then(|r| rel(r).0), &|x| {
+            x <= 1.5
+        }),
     );
     for (i, side) in ["gateway", "agent"].iter().enumerate() {
         let rss = db.rss.get(i);
@@ -609,10 +638,20 @@ fn targets(rows: &[Row], db: &Results) -> String {
             j(rss.and_then(|x| x.2), 12.0),
         );
     }
+    for l in [
+        "iperf3 1 stream",
+        "iperf3 4 streams",
+        "conn/s, concurrency 1",
+        "conn/s, concurrency 32",
+    ] {
+        line(
+            &format!("io_uring runtime never slower than tokio ({l})"),
+            judge(find(l).and_then(|r| rel(r).2), &|x| x >= 1.0),
+        );
+    }
     for t in [
         "TLS data channel ≥1.5x rathole noise",
         "HTTP through /~~name, raw TCP ≥1.3x rathole, p99 ≤1.5x direct",
-        "io_uring runtime never slower than tokio",
         "10,000 concurrent tunneled connections",
         "no allocation per relayed byte",
     ] {
@@ -787,14 +826,27 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
     )
     .await;
 
-    progress("dialback: starting gateway and agent");
-    let db = match start_dialback(&dialback_bin, &dir, echo_port, iperf_port, &mut cmds) {
-        Ok(sys) => measure("dialback", sys, &plan).await,
-        Err(e) => Results {
-            note: e,
-            ..Default::default()
-        },
-    };
+    let mut runtimes = Vec::new();
+    for runtime in ["tokio", "uring"] {
+        let name = format!("dialback {runtime}");
+        progress(&format!("{name}: starting gateway and agent"));
+        let r = match start_dialback(
+            &dialback_bin,
+            &dir,
+            runtime,
+            echo_port,
+            iperf_port,
+            &mut cmds,
+        ) {
+            Ok(sys) => measure(&name, sys, &plan).await,
+            Err(e) => Results {
+                note: e,
+                ..Default::default()
+            },
+        };
+        runtimes.push((name, r));
+    }
+    let db = &runtimes[0].1;
 
     let rh = match &rathole {
         Some(bin) => {
@@ -815,11 +867,16 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
     drop(iperf_srv);
     echo_task.abort();
 
-    let (tbl, rows) = table(&direct, &db, &rh);
-    let tgt = targets(&rows, &db);
+    let mut systems: Vec<(&str, &Results)> = vec![("direct", &direct)];
+    for (name, r) in &runtimes {
+        systems.push((name, r));
+    }
+    systems.push(("rathole tcp", &rh));
+    let (tbl, rows) = table(&systems);
+    let tgt = targets(&rows, db);
     println!("{tbl}");
     println!("{tgt}");
-    for (n, r) in [("direct", &direct), ("dialback", &db), ("rathole", &rh)] {
+    for (n, r) in &systems {
         if !r.available || !r.note.is_empty() {
             println!(
                 "{n}: {}",
@@ -877,12 +934,13 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
          - memory: VmRSS from /proc/PID/status at idle (after one round trip), while holding \
          {} idle connections (each with one completed round trip), and 1 s after closing \
          them.\n\
-         - dialback uses the plain (non-TLS) data channel (`data_tls = false`), RUST_LOG=warn; \
-         rathole uses its tcp transport, RUST_LOG=warn.\n",
+         - dialback uses the plain (non-TLS) data channel (`data_tls = false`) and the default \
+         pool of 4 ready data connections, RUST_LOG=warn; `dialback tokio` and `dialback uring` \
+         differ only in `--runtime`. rathole uses its tcp transport, RUST_LOG=warn.\n",
         plan.iperf_secs, plan.conn_dur, plan.conn_max, plan.idle_conns
     );
     let _ = writeln!(md, "## Results\n\n{tbl}");
-    for (n, r) in [("direct", &direct), ("dialback", &db), ("rathole", &rh)] {
+    for (n, r) in &systems {
         if !r.available || !r.note.is_empty() {
             let _ = writeln!(
                 md,
