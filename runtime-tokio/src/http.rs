@@ -41,6 +41,8 @@ const BODY_CHUNK: usize = 64 * 1024;
 /// How long, and how much, a refused client's remaining request is read and dropped.
 const LINGER: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 16 * 1024 * 1024;
+/// Body bytes sent in the same write as the response head, at most.
+const COALESCE: usize = 16 * 1024;
 /// A buffer larger than this is shrunk after each exchange.
 const IDLE_BUF: usize = 16 * 1024;
 /// Response heads from services may be larger than what clients may send (cookies, CSP).
@@ -634,7 +636,20 @@ impl Conn {
         };
         let was_used = be.used;
         be.used = true;
-        if let Err(e) = be.wr.write_all(out).await {
+        // The head and the part of the body already received go out in one write.
+        let mut body = BodyState::new(framing);
+        let n = body
+            .advance(&self.buf[..self.buf.len().min(COALESCE)])
+            .map_err(|e| RespError::Failed {
+                status: 400,
+                why: e.to_string(),
+                sent: false,
+            })?;
+        let mut first = Vec::with_capacity(out.len() + n);
+        first.extend_from_slice(out);
+        first.extend_from_slice(&self.buf[..n]);
+        self.buf.drain(..n);
+        if let Err(e) = be.wr.write_all(&first).await {
             return Err(if was_used {
                 RespError::Nothing
             } else {
@@ -646,9 +661,8 @@ impl Conn {
             });
         }
         if let Some(t) = &be.traffic {
-            t.add_up(out.len() as u64);
+            t.add_up(first.len() as u64);
         }
-        let mut body = BodyState::new(framing);
         let body_pending = !body.is_done();
         let started = AtomicBool::new(false);
         let upload_done = Notify::new();
@@ -902,14 +916,28 @@ where
         buf.drain(..len);
         let framing = response_framing(&request.method, &head)
             .map_err(|why| failed(502, format!("service {service}: {why}"), sent))?;
-        let out = response_head(&head, route, host.as_deref(), https);
+        let mut out = response_head(&head, route, host.as_deref(), https);
+        let head_len = out.len();
+        let final_response = framing != Framing::Upgrade && !(100..200).contains(&head.status);
+        let mut body = BodyState::new(if final_response {
+            framing
+        } else {
+            Framing::Empty
+        });
+        // The part of the body already read goes out with the head, in one write: a small
+        // response then costs one segment instead of two.
+        let n = body
+            .advance(&buf[..buf.len().min(COALESCE)])
+            .map_err(|e| failed(502, format!("service {service}: {e}"), sent))?;
+        out.extend_from_slice(&buf[..n]);
+        buf.drain(..n);
         started.store(true, Ordering::Relaxed);
         wr.write_all(&out)
             .await
             .map_err(|e| failed(502, format!("the client went away: {e}"), true))?;
         sent = true;
         if let Some(t) = traffic {
-            t.add_down(out.len() as u64);
+            t.add_down(head_len as u64 + n as u64);
         }
         if framing == Framing::Upgrade {
             wr.flush()
@@ -924,7 +952,6 @@ where
                 .map_err(|e| failed(502, format!("the client went away: {e}"), true))?;
             continue;
         }
-        let mut body = BodyState::new(framing);
         loop {
             let n = body
                 .advance(buf)
