@@ -313,6 +313,85 @@ fn curl_through_prefixes_keeps_alive_across_two_services() {
     assert_eq!(by_referer["service"], "alpha");
 }
 
+#[test]
+fn pythons_stock_http_server_behind_a_prefix() {
+    let dir = Dir::new();
+    let site = dir.path().join("site");
+    std::fs::create_dir_all(site.join("docs")).unwrap();
+    std::fs::write(site.join("docs/index.html"), "<h1>docs</h1>\n").unwrap();
+    let blob = random_bytes(5 * 1024 * 1024 + 3, 21);
+    std::fs::write(site.join("blob.bin"), &blob).unwrap();
+    // HTTP/1.0, one request per connection, no keep-alive: the gateway must close after each
+    // response and the next request gets a fresh data connection.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let server = Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            &port.to_string(),
+        ])
+        .current_dir(&site)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let local = SocketAddr::from(([127, 0, 0, 1], port));
+    // Killed on drop, also when an assertion fails.
+    let _server = Helper {
+        child: server,
+        addr: local,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(local).is_err() {
+        assert!(Instant::now() < deadline, "http.server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let setup = Setup::start(
+        &dir,
+        FAST_TIMERS,
+        "listen = \"127.0.0.1:0\"",
+        &[Svc {
+            name: "files",
+            local,
+            gateway_keys: "",
+        }],
+        &[],
+    );
+    let out = curl(&[&setup.url("/~~files/blob.bin")]);
+    assert_eq!(out.stdout.len(), blob.len());
+    assert!(out.stdout == blob, "the file changed on the way");
+    // The directory redirect (an absolute path) comes back under the prefix and is followed.
+    let head = curl_text(&["-i", &setup.url("/~~files/docs")]);
+    assert!(head.starts_with("HTTP/1.0 301"), "{head}");
+    assert!(head.contains("\r\nLocation: /~~files/docs/\r\n"), "{head}");
+    assert_eq!(
+        curl_text(&["-L", &setup.url("/~~files/docs")]),
+        "<h1>docs</h1>\n"
+    );
+    // HEAD has no body, whatever Content-Length says.
+    let head = curl_text(&["-I", &setup.url("/~~files/blob.bin")]);
+    assert!(
+        head.contains(&format!("Content-Length: {}", blob.len())),
+        "{head}"
+    );
+    // A conditional request gets its 304 without a body.
+    let code = curl_text(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-H",
+        "If-Modified-Since: Fri, 01 Jan 2100 00:00:00 GMT",
+        &setup.url("/~~files/blob.bin"),
+    ]);
+    assert_eq!(code, "304");
+}
+
 /// Reads one response with a Content-Length body from `s`; `None` at EOF before its head.
 fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(u16, Vec<u8>)> {
     let mut chunk = [0u8; 16 * 1024];
