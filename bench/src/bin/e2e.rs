@@ -976,5 +976,21 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
     }
     progress(&format!("wrote {}", out_path.display()));
     let _ = std::fs::remove_dir_all(&dir);
+    // A smoke run judges no speed, but every dialback runtime must have carried traffic.
+    let mut broken = Vec::new();
+    for (name, r) in &runtimes {
+        let works = r.available
+            && r.tput1.is_some()
+            && r.c1.as_ref().is_some_and(|c| c.ok > 0 && c.errors == 0)
+            && r.c32.as_ref().is_some_and(|c| c.ok > 0 && c.errors == 0)
+            && r.held == plan.idle_conns;
+        if !works {
+            broken.push(name.as_str());
+        }
+    }
+    if !broken.is_empty() {
+        eprintln!("not working end to end: {}", broken.join(", "));
+        return 1;
+    }
     0
 }
