@@ -781,48 +781,88 @@ fn every_error_gets_its_status() {
 }
 
 #[test]
-fn a_frozen_agent_gets_504_not_a_hang() {
+fn slow_agents_and_services_get_504_and_crowds_503_never_a_hang() {
     let dir = Dir::new();
     let web = Helper::web("frozen");
+    // A service that accepts connections and never answers.
+    let mute = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mute_addr = mute.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in mute.incoming() {
+            held.push(s);
+        }
+    });
     // Long liveness timers, a short token: the agent stays registered while it cannot dial.
-    let timers = "heartbeat = \"10s\"\ndead_after = \"60s\"\ntoken_ttl = \"1s\"\nhandshake_timeout = \"3s\"\n";
+    let timers = "heartbeat = \"10s\"\ndead_after = \"60s\"\ntoken_ttl = \"2s\"\nhandshake_timeout = \"3s\"\n";
     let mut setup = Setup::start(
         &dir,
         timers,
         "listen = \"127.0.0.1:0\"\nresponse_timeout = \"2s\"",
-        &[Svc {
-            name: "frozen",
-            local: web.addr,
-            gateway_keys: "",
-        }],
+        &[
+            // No pooled connections and one waiting client at most.
+            Svc {
+                name: "frozen",
+                local: web.addr,
+                gateway_keys: "pool = 0\nmax_pending = 1",
+            },
+            Svc {
+                name: "mute",
+                local: mute_addr,
+                gateway_keys: "",
+            },
+        ],
         &[],
     );
+    let refused = |status: &str, reason: &str| {
+        setup
+            .gw
+            .proc
+            .wait_for(&format!("{status} logged"), Duration::from_secs(5), |l| {
+                message_contains(l, "HTTP request refused")
+                    && field(l, "status").as_deref() == Some(status)
+                    && message_contains(l, reason)
+            });
+    };
+    let code = |url: &str| {
+        let out = curl(&["-o", "/dev/null", "-w", "%{http_code}", url]);
+        String::from_utf8(out.stdout).unwrap()
+    };
+
+    // The service never answers: 504 after response_timeout.
+    let started = Instant::now();
+    assert_eq!(code(&setup.url("/~~mute/")), "504");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    refused("504", "service mute did not answer within 2s");
+
+    // The agent is frozen: no data connection comes, 504 after token_ttl; meanwhile more
+    // clients than max_pending are turned away at once with 503.
     let url = setup.url("/~~frozen/whoami");
     assert_eq!(json(&curl_text(&[&url]))["service"], "frozen");
     let agent = setup.agent.as_mut().unwrap();
     agent.signal("STOP");
     let started = Instant::now();
-    let out = curl(&["-o", "/dev/null", "-w", "%{http_code}", &url]);
+    let crowd: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let out = curl(&["-o", "/dev/null", "-w", "%{http_code}", &url]);
+                String::from_utf8(out.stdout).unwrap()
+            })
+        })
+        .collect();
+    let codes: Vec<String> = crowd.into_iter().map(|t| t.join().unwrap()).collect();
     let elapsed = started.elapsed();
     agent.signal("CONT");
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "504");
     assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
-    // Without a ready (pooled) connection the agent never dials back; with one, it never
-    // answers through it. Either way the client is told in time.
-    let line = setup
-        .gw
-        .proc
-        .wait_for("504 logged", Duration::from_secs(5), |l| {
-            message_contains(l, "HTTP request refused")
-                && field(l, "status").as_deref() == Some("504")
-        });
-    assert!(
-        message_contains(
-            &line,
-            "no data connection from the agent of service frozen within"
-        ) || message_contains(&line, "service frozen did not answer within"),
-        "{line}"
+    assert!(codes.iter().all(|c| c == "503" || c == "504"), "{codes:?}");
+    assert!(codes.iter().any(|c| c == "504"), "{codes:?}");
+    assert!(codes.iter().any(|c| c == "503"), "{codes:?}");
+    refused(
+        "504",
+        "no data connection from the agent of service frozen within",
     );
+    refused("503", "service frozen is overloaded");
 }
 
 /// A test CA and leaf certificates made with the openssl command line.
