@@ -167,7 +167,8 @@ impl Wake for TaskWaker {
     }
 }
 
-type Task = Pin<Box<dyn Future<Output = ()>>>;
+/// A relay and the waker that re-queues it (made once, so polling never allocates).
+type Task = (Pin<Box<dyn Future<Output = ()>>>, Waker);
 
 /// Runs one loop until the job channel closes (the process exits first, in practice).
 /// Reports the eventfd that wakes it, or why it could not start.
@@ -213,22 +214,22 @@ pub(crate) fn run(jobs: mpsc::Receiver<Job>, started: mpsc::SyncSender<io::Resul
     };
     arm_wake(&mut wake_buf);
     let mut batch: Vec<usize> = Vec::new();
+    let mut completions: Vec<(u64, i32)> = Vec::new();
     loop {
         // New jobs become tasks.
         loop {
             match jobs.try_recv() {
                 Ok(job) => {
-                    let fut: Task = Box::pin(crate::relay::run_job(job));
-                    let id = match free_tasks.pop() {
-                        Some(id) => {
-                            tasks[id] = Some(fut);
-                            id
-                        }
-                        None => {
-                            tasks.push(Some(fut));
-                            tasks.len() - 1
-                        }
-                    };
+                    let fut = Box::pin(crate::relay::run_job(job));
+                    let id = free_tasks.pop().unwrap_or_else(|| {
+                        tasks.push(None);
+                        tasks.len() - 1
+                    });
+                    let waker = Waker::from(Arc::new(TaskWaker {
+                        id,
+                        ready: ready.clone(),
+                    }));
+                    tasks[id] = Some((fut, waker));
                     ready.lock().unwrap_or_else(|p| p.into_inner()).push(id);
                 }
                 Err(mpsc::TryRecvError::Empty) => break,
@@ -241,14 +242,10 @@ pub(crate) fn run(jobs: mpsc::Receiver<Job>, started: mpsc::SyncSender<io::Resul
             &mut ready.lock().unwrap_or_else(|p| p.into_inner()),
         );
         for id in batch.drain(..) {
-            let Some(Some(task)) = tasks.get_mut(id) else {
+            let Some(Some((task, waker))) = tasks.get_mut(id) else {
                 continue;
             };
-            let waker = Waker::from(Arc::new(TaskWaker {
-                id,
-                ready: ready.clone(),
-            }));
-            let mut cx = Context::from_waker(&waker);
+            let mut cx = Context::from_waker(waker);
             if task.as_mut().poll(&mut cx).is_ready() {
                 tasks[id] = None;
                 free_tasks.push(id);
@@ -268,13 +265,10 @@ pub(crate) fn run(jobs: mpsc::Receiver<Job>, started: mpsc::SyncSender<io::Resul
                 error!("io_uring wait failed: {e}");
             }
         }
-        let completions: Vec<(u64, i32)> = with_reactor(|r| {
-            r.ring
-                .completion()
-                .map(|c| (c.user_data(), c.result()))
-                .collect()
+        with_reactor(|r| {
+            completions.extend(r.ring.completion().map(|c| (c.user_data(), c.result())));
         });
-        for (ud, res) in completions {
+        for (ud, res) in completions.drain(..) {
             match ud {
                 UD_WAKE => arm_wake(&mut wake_buf),
                 UD_CANCEL => {}
