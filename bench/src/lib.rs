@@ -73,6 +73,8 @@ pub fn gateway_config(max_pending: usize) -> GatewayConfig {
             // The pool is measured separately; these fixtures measure the CONNECT path.
             pool: 0,
             pool_max_idle: std::time::Duration::from_secs(50),
+            allow_from: Default::default(),
+            clients_allow: Default::default(),
         }],
     }
 }

@@ -8,13 +8,15 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use crate::acl::AllowList;
 use crate::crypto::{ct_eq, PasswordKey, SessionKeys};
 use crate::data::encode_bind;
 use crate::drbg::Drbg;
 use crate::error::ErrorCode;
+use crate::throttle::AuthThrottle;
 use crate::timing::Timing;
 use crate::wire::{
     Connect, DataHello, ErrorFrame, FrameDecoder, Hello, Message, Prepare, Welcome, WireError,
@@ -41,6 +43,10 @@ pub struct ServiceConfig {
     /// A pooled connection unused for this long is closed and replaced, before NATs and
     /// proxies on the way forget it silently.
     pub pool_max_idle: Duration,
+    /// Who may register as this service's agent.
+    pub allow_from: AllowList,
+    /// Who may be a public client of this service.
+    pub clients_allow: AllowList,
 }
 
 /// Longest wait before refilling a pool whose connections keep failing.
@@ -255,6 +261,9 @@ pub struct Gateway {
     rng: Drbg,
     next_session: u64,
     last_now: Option<Instant>,
+    throttle: AuthThrottle,
+    /// Addresses of the DNS names in access rules, as last resolved by the runtime.
+    resolved: BTreeMap<String, Vec<IpAddr>>,
 }
 
 impl Gateway {
@@ -277,6 +286,8 @@ impl Gateway {
             rng,
             next_session,
             last_now: None,
+            throttle: AuthThrottle::new(),
+            resolved: BTreeMap::new(),
         };
         for s in config.services {
             g.services.insert(
@@ -323,6 +334,67 @@ impl Gateway {
 
     pub fn control_connections(&self) -> usize {
         self.conns.len()
+    }
+
+    /// The DNS names in every service's `allow_from`: the runtime resolves them when an
+    /// agent's connection arrives and reports them with [`Gateway::handle_resolved`] before
+    /// the connection's hello is fed in.
+    pub fn agent_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .services
+            .values()
+            .flat_map(|s| s.cfg.allow_from.names().map(str::to_owned))
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// The DNS names in `service`'s `clients_allow`, to resolve before
+    /// [`Gateway::client_allowed`].
+    pub fn client_names(&self, service: &str) -> Vec<String> {
+        self.services.get(service).map_or_else(Vec::new, |s| {
+            s.cfg.clients_allow.names().map(str::to_owned).collect()
+        })
+    }
+
+    /// What `name` resolved to just now (nothing, when it did not resolve). Only names that
+    /// appear in a rule are kept.
+    pub fn handle_resolved(&mut self, now: Instant, name: &str, addrs: Vec<IpAddr>) {
+        self.touch(now);
+        let used = self.services.values().any(|s| {
+            s.cfg.allow_from.names().any(|n| n == name)
+                || s.cfg.clients_allow.names().any(|n| n == name)
+        });
+        if used {
+            self.resolved.insert(name.to_owned(), addrs);
+        }
+    }
+
+    fn resolution(&self) -> impl Fn(&str) -> Vec<IpAddr> + '_ {
+        |name| self.resolved.get(name).cloned().unwrap_or_default()
+    }
+
+    /// Whether a public client from `ip` may use `service` (`clients_allow`). The runtime
+    /// refuses the client, with the reason, when not.
+    pub fn client_allowed(&self, service: &str, ip: IpAddr) -> Result<(), String> {
+        let Some(s) = self.services.get(service) else {
+            return Ok(()); // unknown services are refused by handle_client
+        };
+        let rules = &s.cfg.clients_allow;
+        if rules.allows(ip, &self.resolution()) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{ip} is not in clients_allow of service {service:?} ({rules})"
+            ))
+        }
+    }
+
+    /// How long a new connection from `ip` must wait before it is served: grows with the
+    /// address's failed authentications (see [`crate::throttle`]).
+    pub fn admission_delay(&self, now: Instant, ip: IpAddr) -> Duration {
+        self.throttle.delay(now, ip)
     }
 
     /// A TLS control connection completed its handshake (and its preamble was read).
@@ -841,6 +913,27 @@ impl Gateway {
             self.close(conn, Some(ErrorCode::Malformed), reason);
             return;
         }
+        if let Some(s) = self.services.get(&h.service) {
+            // Before the proof is looked at, so a refused address learns nothing about the
+            // password.
+            let rules = &s.cfg.allow_from;
+            if !rules.allows(peer.ip(), &self.resolution()) {
+                let detail = format!(
+                    "{} is not allowed to register service {:?} (allow_from: {rules})",
+                    peer.ip(),
+                    h.service
+                );
+                self.reject(
+                    conn,
+                    peer,
+                    Some(h.service),
+                    ErrorCode::NotAllowed,
+                    "address not allowed",
+                    &detail,
+                );
+                return;
+            }
+        }
         let svc = self
             .services
             .get(&h.service)
@@ -855,17 +948,19 @@ impl Gateway {
         let keys = SessionKeys::derive(svc.as_ref().map_or(&unknown, |s| &s.0), &exporter);
         let proof_ok = ct_eq(&keys.agent_proof(&h.service, &h.agent_nonce), &h.proof);
         let (Some((_, data_tls, existing)), true) = (svc, proof_ok) else {
+            let failures = self.throttle.failures(now, peer.ip()) + 1;
+            let delay = self.throttle.record_failure(now, peer.ip());
             let reason = if proof_ok {
-                "unknown service"
+                format!("unknown service (failure {failures} from this address; its next connection waits {})", fmt_duration(delay))
             } else {
-                "wrong password proof or unknown service"
+                format!("wrong password proof or unknown service (failure {failures} from this address; its next connection waits {})", fmt_duration(delay))
             };
             self.reject(
                 conn,
                 peer,
                 Some(h.service),
                 ErrorCode::AuthFailed,
-                reason,
+                &reason,
                 "authentication failed: unknown service or wrong password",
             );
             return;

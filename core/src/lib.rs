@@ -13,6 +13,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+pub mod acl;
 pub mod agent;
 pub mod connect_chain;
 pub mod crypto;
@@ -22,6 +23,8 @@ pub mod error;
 pub mod gateway;
 pub mod http;
 pub mod ntlm;
+pub mod proxy_protocol;
+pub mod throttle;
 pub mod timing;
 pub mod wire;
 

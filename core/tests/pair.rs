@@ -66,6 +66,8 @@ fn service(name: &str, key: PasswordKey, data_tls: bool) -> ServiceConfig {
         max_pending: 64,
         pool: 0,
         pool_max_idle: Duration::from_secs(60),
+        allow_from: Default::default(),
+        clients_allow: Default::default(),
     }
 }
 
@@ -2791,4 +2793,134 @@ proptest! {
             prop_assert_eq!(p.gw.pooled(SERVICE), p.parked.len());
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Access rules and the throttle on failed authentications
+// ---------------------------------------------------------------------------------------------
+
+fn with_allow_from(rules: &[&str]) -> Pair {
+    let mut svc = service(SERVICE, password_key(), false);
+    svc.allow_from = dialback_core::acl::AllowList::parse(rules).unwrap();
+    Pair::new(vec![svc], [42; 32], Link::new(5, &[1, 7, 3, 64, 19]))
+}
+
+/// Every agent of the harness connects from 192.0.2.1.
+#[test]
+fn allow_from_decides_before_the_password_is_checked() {
+    for (rules, allowed) in [
+        (&["192.0.2.1"][..], true),
+        (&["192.0.2.0/24"][..], true),
+        (&["192.0."][..], true),
+        (&["*"][..], true),
+        (&["192.0.3.0/24", "198.51.100.1"][..], false),
+        (&["192.0.3."][..], false),
+        (&["home.example.org"][..], false), // not resolved: matches nothing
+    ] {
+        let mut p = with_allow_from(rules);
+        let a = p.agent(SERVICE, password_key(), [1; 32]);
+        p.settle();
+        if allowed {
+            assert!(p.registered(a).is_some(), "{rules:?}");
+            continue;
+        }
+        let (_, err) = p
+            .closed(a)
+            .unwrap_or_else(|| panic!("{rules:?}: not refused"));
+        assert!(
+            matches!(
+                &err,
+                AgentError::Refused {
+                    code: ErrorCode::NotAllowed,
+                    ..
+                }
+            ),
+            "{rules:?}: {err:?}"
+        );
+        let conn = p.sides[a].conn;
+        assert_eq!(p.rejected(conn)[0].2, ErrorCode::NotAllowed);
+        // A refused address learns nothing about the password: a wrong one gets the same.
+        let mut q = with_allow_from(rules);
+        let b = q.agent(SERVICE, PasswordKey::from_bytes([0x55; 32]), [1; 32]);
+        q.settle();
+        assert_eq!(q.closed(b).map(|c| c.1), Some(err));
+        // And refusals by address do not count as failed authentications.
+        assert_eq!(
+            q.gw.admission_delay(q.now, p.sides[a].peer.ip()),
+            Duration::ZERO
+        );
+    }
+}
+
+#[test]
+fn allow_from_by_name_uses_the_addresses_resolved_at_connect_time() {
+    let mut p = with_allow_from(&["home.example.org", "10.0.0.0/8"]);
+    assert_eq!(p.gw.agent_names(), vec!["home.example.org".to_owned()]);
+    let now = p.now;
+    p.gw.handle_resolved(now, "home.example.org", vec!["192.0.2.1".parse().unwrap()]);
+    // Names in no rule are not kept.
+    p.gw.handle_resolved(now, "other.example.org", vec!["192.0.2.1".parse().unwrap()]);
+    let _ = p.registered_agent([1; 32]);
+
+    let mut p = with_allow_from(&["home.example.org"]);
+    let now = p.now;
+    p.gw.handle_resolved(now, "home.example.org", vec!["192.0.2.99".parse().unwrap()]);
+    let a = p.agent(SERVICE, password_key(), [1; 32]);
+    p.settle();
+    assert!(matches!(
+        p.closed(a),
+        Some((
+            _,
+            AgentError::Refused {
+                code: ErrorCode::NotAllowed,
+                ..
+            }
+        ))
+    ));
+}
+
+#[test]
+fn clients_allow_is_decided_by_the_core() {
+    let mut svc = service(SERVICE, password_key(), false);
+    svc.clients_allow =
+        dialback_core::acl::AllowList::parse(&["198.51.100.0/24", "pc.example"]).unwrap();
+    let mut p = Pair::new(vec![svc], [42; 32], Link::new(5, &[1]));
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    assert!(p.gw.client_allowed(SERVICE, ip("198.51.100.7")).is_ok());
+    let err = p.gw.client_allowed(SERVICE, ip("203.0.113.5")).unwrap_err();
+    assert!(
+        err.contains("203.0.113.5") && err.contains("clients_allow"),
+        "{err}"
+    );
+    assert_eq!(p.gw.client_names(SERVICE), vec!["pc.example".to_owned()]);
+    let now = p.now;
+    p.gw.handle_resolved(now, "pc.example", vec![ip("203.0.113.5")]);
+    assert!(p.gw.client_allowed(SERVICE, ip("203.0.113.5")).is_ok());
+}
+
+#[test]
+fn failed_authentications_delay_the_address_more_and_more() {
+    let mut p = Pair::simple(false);
+    let ip = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
+    let mut delays = Vec::new();
+    for i in 0..8u8 {
+        let a = p.agent(SERVICE, PasswordKey::from_bytes([0x55; 32]), [i; 32]);
+        p.settle();
+        assert!(p.closed(a).is_some());
+        delays.push(p.gw.admission_delay(p.now, ip));
+    }
+    assert!(delays.windows(2).all(|w| w[0] <= w[1]), "{delays:?}");
+    assert_eq!(
+        delays[0],
+        Duration::ZERO,
+        "a mistyped password is not punished"
+    );
+    assert!(delays[7] > delays[4], "{delays:?}");
+    assert!(delays[7] <= dialback_core::throttle::MAX_DELAY);
+    // Another address is not affected, and the right password still registers.
+    assert_eq!(
+        p.gw.admission_delay(p.now, "192.0.2.2".parse().unwrap()),
+        Duration::ZERO
+    );
+    let _ = p.registered_agent([99; 32]);
 }

@@ -230,6 +230,8 @@ fuzz_target!(|ops: Vec<Op>| {
             max_pending: 3,
             pool: 2,
             pool_max_idle: Duration::from_secs(50),
+            allow_from: Default::default(),
+            clients_allow: Default::default(),
         },
         ServiceConfig {
             name: "secure".into(),
@@ -238,6 +240,8 @@ fuzz_target!(|ops: Vec<Op>| {
             max_pending: 2,
             pool: 0,
             pool_max_idle: Duration::from_secs(50),
+            allow_from: Default::default(),
+            clients_allow: Default::default(),
         },
     ];
     let gw = Gateway::new(GatewayConfig { timing, services }, [9; 32]);

@@ -261,6 +261,8 @@ impl BoundGateway {
                     max_pending: s.max_pending,
                     pool: s.pool,
                     pool_max_idle: s.pool_max_idle,
+                    allow_from: Default::default(),
+                    clients_allow: Default::default(),
                 })
                 .collect::<Vec<_>>()
         })
