@@ -321,6 +321,23 @@ struct Backend {
     traffic: Option<ConnectionGuard>,
 }
 
+impl Backend {
+    /// Whether the service closed (or sent something unasked) while the connection was idle:
+    /// it cannot carry another request. Looks without waiting.
+    async fn stale(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return true;
+        }
+        let mut probe = [0u8; 1];
+        // A zero timeout still polls the read once: a pending EOF or byte is seen, nothing
+        // else waits.
+        match tokio::time::timeout(Duration::ZERO, self.rd.read(&mut probe)).await {
+            Err(_) => false,
+            Ok(Ok(_)) | Ok(Err(_)) => true,
+        }
+    }
+}
+
 /// One client connection.
 struct Conn {
     shared: Arc<Shared>,
@@ -513,8 +530,15 @@ impl Conn {
             https: self.https,
         };
         let out = request_head(&head, &route, &fwd);
-        // A kept data connection may have been closed by the service meanwhile; a request
-        // without a body is then sent again on a fresh one.
+        // A kept data connection may have been closed by the service meanwhile. A close that
+        // already arrived is seen here; one that crosses the request is seen as a response
+        // that never comes, and a request without a body is then sent again on a fresh one.
+        if let Some(be) = &mut self.backend {
+            if be.stale().await {
+                debug!(peer = %self.peer, service = %be.service, "kept data connection was closed by the service");
+                self.backend = None;
+            }
+        }
         for attempt in 0..2 {
             if self.backend.is_none() {
                 self.backend = Some(self.open(&route.service).await?);
@@ -537,7 +561,14 @@ impl Conn {
                     debug!(status,peer = %self.peer, service = %route.service, via = route.via.name(), method = %head.method, target = %head.target, "HTTP request relayed");
                     return Some(done);
                 }
-                Err(RespError::Nothing) if attempt == 0 && framing == Framing::Empty && reused => {
+                // Only what may be repeated (RFC 9110 section 9.2.2): the service may have
+                // acted on the request before it closed.
+                Err(RespError::Nothing)
+                    if attempt == 0
+                        && framing == Framing::Empty
+                        && reused
+                        && idempotent(&head.method) =>
+                {
                     debug!(peer = %self.peer, service = %route.service, "kept data connection was closed; retrying on a fresh one");
                     self.backend = None;
                 }
@@ -794,6 +825,14 @@ impl Conn {
     }
 }
 
+/// Methods whose repetition has the effect of doing them once.
+fn idempotent(method: &str) -> bool {
+    matches!(
+        method,
+        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+    )
+}
+
 /// How a response ended.
 enum Passed {
     Done { service_closes: bool, status: u16 },
@@ -1002,5 +1041,58 @@ where
             service_closes: head.closes(),
             status: head.status,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn backend_pair() -> (Backend, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ours = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (theirs, _) = l.accept().await.unwrap();
+        let (rd, wr) = tokio::io::split(MaybeTls::Plain(ours));
+        let be = Backend {
+            service: "s".into(),
+            rd,
+            wr,
+            buf: Vec::new(),
+            used: true,
+            traffic: None,
+        };
+        (be, theirs)
+    }
+
+    #[tokio::test]
+    async fn a_kept_connection_is_stale_once_the_service_closed_or_spoke() {
+        let (mut be, theirs) = backend_pair().await;
+        assert!(!be.stale().await, "an idle open connection is fine");
+        drop(theirs);
+        // The FIN takes a moment on loopback; it is seen without waiting once it is there.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !be.stale().await {
+            assert!(Instant::now() < deadline, "the close was never seen");
+            tokio::task::yield_now().await;
+        }
+        let (mut be, mut theirs) = backend_pair().await;
+        theirs
+            .write_all(b"HTTP/1.1 408 Timeout\r\n\r\n")
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !be.stale().await {
+            assert!(
+                Instant::now() < deadline,
+                "the unasked bytes were never seen"
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[test]
+    fn only_idempotent_methods_are_repeated() {
+        assert!(idempotent("GET") && idempotent("PUT") && idempotent("DELETE"));
+        assert!(!idempotent("POST") && !idempotent("PATCH") && !idempotent("get"));
     }
 }
