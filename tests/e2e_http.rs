@@ -255,6 +255,17 @@ fn curl_through_prefixes_keeps_alive_across_two_services() {
     assert!(beta_at < alpha_at, "{text}");
     assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 2, "{text}");
 
+    // A request target in absolute form (as proxies send them) is routed the same way.
+    let v = json(&curl_text(&[
+        "--request-target",
+        &format!("http://{host}/~~alpha/whoami"),
+        &setup.url("/"),
+    ]));
+    assert_eq!(
+        (v["service"].as_str(), v["path"].as_str()),
+        (Some("alpha"), Some("/whoami"))
+    );
+
     // A chunked response comes through whole.
     let expect: String = (0..10).map(|i| format!("chunk-{i}\n")).collect();
     assert_eq!(curl_text(&[&setup.url("/~~alpha/chunked")]), expect);

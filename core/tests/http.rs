@@ -60,6 +60,25 @@ fn parses_a_request_and_reports_its_length() {
 }
 
 #[test]
+fn absolute_form_targets_become_paths_with_their_host() {
+    let head = req("GET HTTP://Gw.example:8080/~~app/x?y HTTP/1.1\r\nHost: other\r\n\r\n");
+    assert_eq!(head.target, "/~~app/x?y");
+    assert_eq!(head.get("host"), Some("Gw.example:8080"));
+    assert_eq!(head.all("host").count(), 1);
+    let head = req("GET https://gw?q HTTP/1.1\r\n\r\n");
+    assert_eq!(
+        (head.target.as_str(), head.get("host")),
+        ("/?q", Some("gw"))
+    );
+    let r = router()
+        .route(&req(
+            "GET http://gw/~~app/a.css HTTP/1.1\r\nHost: gw\r\n\r\n",
+        ))
+        .unwrap();
+    assert_eq!((r.service.as_str(), r.target.as_str()), ("app", "/a.css"));
+}
+
+#[test]
 fn partial_heads_wait_and_oversized_ones_are_431() {
     let limits = Limits {
         max_head: 64,
@@ -88,7 +107,9 @@ fn partial_heads_wait_and_oversized_ones_are_431() {
 fn malformed_requests_are_400() {
     for bad in [
         "GET / HTTP/1.1\r\nHost a\r\n\r\n",
-        "GET http://example.com/ HTTP/1.1\r\nHost: a\r\n\r\n",
+        "GET http://user@example.com/ HTTP/1.1\r\nHost: a\r\n\r\n",
+        "GET http:///x HTTP/1.1\r\nHost: a\r\n\r\n",
+        "GET ftp://example.com/ HTTP/1.1\r\nHost: a\r\n\r\n",
         "GET / HTTP/1.1\r\n\r\n",
         "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
         "\x16\x03\x01\x02\x00\x01\x00\x01\x03\x03",

@@ -194,14 +194,60 @@ pub fn parse_request(
     let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
         return Err(HttpError::Malformed("incomplete request line".into()));
     };
-    let head = RequestHead {
+    let mut head = RequestHead {
         method: method.to_owned(),
         target: target.to_owned(),
         minor,
         headers: owned_headers(req.headers),
     };
+    absolute_form_to_origin_form(&mut head, limits)?;
     validate_request(&head)?;
     Ok(Some((head, len)))
+}
+
+/// `GET http://host/path` (absolute form, RFC 9112 section 3.2.2) becomes `GET /path` with
+/// `Host: host`: the target's authority replaces any `Host` the client sent.
+fn absolute_form_to_origin_form(head: &mut RequestHead, limits: &Limits) -> Result<(), HttpError> {
+    let lower = head
+        .target
+        .get(..8)
+        .unwrap_or(&head.target)
+        .to_ascii_lowercase();
+    let skip = if lower.starts_with("http://") {
+        7
+    } else if lower.starts_with("https://") {
+        8
+    } else {
+        return Ok(());
+    };
+    let rest = &head.target[skip..];
+    let (authority, path) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    if authority.is_empty() || authority.contains('@') {
+        return Err(HttpError::Malformed(format!(
+            "request target {:?} has no usable host",
+            truncate(&head.target)
+        )));
+    }
+    let path = if path.starts_with('/') {
+        path.to_owned()
+    } else {
+        format!("/{path}")
+    };
+    let authority = authority.to_owned();
+    head.headers.retain(|h| !h.is("host"));
+    if head.headers.len() >= limits.headers() {
+        return Err(HttpError::TooLarge(format!(
+            "more than {} header lines",
+            limits.headers()
+        )));
+    }
+    head.headers
+        .insert(0, Header::new("Host", authority.as_bytes()));
+    head.target = path;
+    Ok(())
 }
 
 fn too_large(limits: &Limits) -> HttpError {
@@ -214,7 +260,7 @@ fn validate_request(head: &RequestHead) -> Result<(), HttpError> {
     }
     if !(head.target.starts_with('/') || (head.target == "*" && head.method == "OPTIONS")) {
         return Err(HttpError::Malformed(format!(
-            "request target {:?} is not an absolute path (this is not a forward proxy)",
+            "request target {:?} is not a path",
             truncate(&head.target)
         )));
     }
