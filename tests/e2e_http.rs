@@ -998,6 +998,15 @@ fn https_serves_two_names_with_their_own_certificates() {
         "{log}"
     );
 
+    // Plain HTTP on the HTTPS port gets a readable answer, not a failed handshake.
+    let r = raw_exchange(
+        setup.https.unwrap(),
+        b"GET /~~alpha/ HTTP/1.1\r\nHost: one.test\r\n\r\n",
+        Duration::from_secs(10),
+    );
+    assert_eq!(status_of(&r), 400, "{r}");
+    assert!(r.contains("this port speaks HTTPS"), "{r}");
+
     let (body, log) = https("two.test", "/whoami");
     assert!(log.contains("subject: CN=two.test"), "{log}");
     let v = json(&body);

@@ -33,6 +33,8 @@ use crate::settings::{HttpCert, HttpSettings};
 use crate::stream::MaybeTls;
 use crate::tls;
 
+/// First byte of a TLS handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// Room made for each read while a head is expected: heads are small, and many idle
 /// connections wait for one.
 const HEAD_CHUNK: usize = 4 * 1024;
@@ -278,6 +280,21 @@ async fn client(
     let public = tcp.local_addr().ok();
     let stream = match (&front.tls, https) {
         (Some(acceptor), true) => {
+            let mut tcp = tcp;
+            let mut first = [0u8; 1];
+            let peeked = tokio::time::timeout(front.handshake_timeout, tcp.peek(&mut first)).await;
+            if matches!(peeked, Ok(Ok(1))) && first[0] != TLS_HANDSHAKE_RECORD {
+                // Plain HTTP on the TLS port: say so instead of failing a handshake.
+                metrics.http_unrouted(400);
+                info!(%peer, status = 400, "HTTP request refused: plain HTTP sent to the HTTPS port");
+                let why = "this port speaks HTTPS: use an https:// URL";
+                let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                    let _ = tcp.write_all(&error_response(400, why)).await;
+                    let _ = tcp.shutdown().await;
+                })
+                .await;
+                return;
+            }
             match tokio::time::timeout(front.handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => MaybeTls::ServerTls(Box::new(s)),
                 Ok(Err(e)) => {
