@@ -107,9 +107,15 @@ async fn demo_async(opts: DemoOptions) -> anyhow::Result<()> {
             max_pending: DEFAULT_MAX_PENDING,
             pool: DEFAULT_POOL,
             pool_max_idle: DEFAULT_POOL_MAX_IDLE,
+            allow_from: Default::default(),
+            clients_allow: Default::default(),
+            accept_proxy: false,
         }],
         admin_listen: Some(SocketAddr::from((loopback, 0))),
         http: None,
+        accept_proxy: false,
+        max_handshakes: dialback_tokio::settings::DEFAULT_MAX_HANDSHAKES,
+        drain_timeout: Duration::from_secs(1),
     };
     let gw = BoundGateway::bind(gw_settings).await.context("cannot start the demo gateway (is another program using the port? try --gateway-port/--public-port)")?;
     let gw_addr = gw.listen_addr()?;
@@ -132,6 +138,7 @@ async fn demo_async(opts: DemoOptions) -> anyhow::Result<()> {
             name: "demo".into(),
             password: Secret(password),
             local: web_addr.to_string(),
+            send_proxy: None,
         }],
         reconnect_min: Duration::from_millis(100),
         reconnect_max: Duration::from_secs(5),

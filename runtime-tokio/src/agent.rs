@@ -326,6 +326,7 @@ async fn session(
                     tokio::spawn(data_task(
                         ctx.clone(),
                         svc.local.clone(),
+                        svc.send_proxy,
                         svc.name.clone(),
                         req,
                         failed_tx.clone(),
@@ -356,6 +357,7 @@ async fn session(
 async fn data_task(
     ctx: Arc<Ctx>,
     local: String,
+    send_proxy: Option<dialback_core::proxy_protocol::Version>,
     service: String,
     req: ConnectRequest,
     failed: mpsc::UnboundedSender<(u64, ErrorCode, String)>,
@@ -421,14 +423,19 @@ async fn data_task(
     } else {
         tokio::time::timeout(ctx.connect_timeout, answer).await.ok()
     };
+    // The public client and the gateway address it reached, for logs and the PROXY header.
+    let mut origin = (req.client, req.public);
     let (client, early) = match answer {
         Some(Ok((DataAnswer::Accept, early))) => (client, early),
-        Some(Ok((DataAnswer::Bind(b), early))) => (
-            b.client
-                .map(|a| a.to_string())
-                .unwrap_or_else(|| "-".into()),
-            early,
-        ),
+        Some(Ok((DataAnswer::Bind(b), early))) => {
+            origin = (b.client, b.public);
+            (
+                b.client
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                early,
+            )
+        }
         Some(Err(None)) if req.pooled => {
             debug!(%service, "pooled data connection retired by the gateway");
             return;
@@ -465,6 +472,23 @@ async fn data_task(
             }
         };
     let _ = local_conn.set_nodelay(true);
+    // The header goes out in the same write as the first client bytes, ahead of them.
+    let early = match send_proxy {
+        None => early,
+        Some(version) => {
+            let (src, dst) = origin;
+            let mut header = match version {
+                dialback_core::proxy_protocol::Version::V1 => {
+                    dialback_core::proxy_protocol::encode_v1(src, dst)
+                }
+                dialback_core::proxy_protocol::Version::V2 => {
+                    dialback_core::proxy_protocol::encode_v2(src, dst)
+                }
+            };
+            header.extend_from_slice(&early);
+            header
+        }
+    };
     debug!(%service, %client, pooled = req.pooled, "relaying");
     let Some(svc) = svc else { return };
     let conn = svc.data_connection_opened();

@@ -30,6 +30,10 @@ use crate::tls;
 /// First byte of a TLS handshake record; anything else on `listen` is a plain data connection.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
+/// Pool failures are logged as warnings once the refill backoff reaches this (the fifth
+/// failure in a row); before that, at info.
+const POOL_WARN_AFTER: Duration = Duration::from_secs(4);
+
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
     #[error(transparent)]
@@ -103,6 +107,15 @@ pub(crate) struct Shared {
     handshake_timeout: Duration,
     token_ttl: Duration,
     metrics: Arc<GatewayMetrics>,
+    /// Connections on the agent port start with a PROXY header.
+    accept_proxy: bool,
+    /// Connections in their handshake (agent port, or a client's PROXY header).
+    handshakes: Arc<tokio::sync::Semaphore>,
+    /// Set while connections are being refused for lack of handshake slots, to warn once.
+    saturated: std::sync::atomic::AtomicBool,
+    /// Public clients being served; shutdown waits for them.
+    pub(crate) drain: Arc<crate::drain::Drain>,
+    drain_timeout: Duration,
 }
 
 impl Shared {
@@ -215,7 +228,13 @@ impl Shared {
                     m.pool_failure();
                 }
                 self.sync_pool(inner, &service);
-                warn!(%service, "{reason}; refilling the pool in {retry_in:?}");
+                // One lost connection is routine (an agent restarting closes its pool before
+                // its control connection); a pool that keeps failing backs off and says so.
+                if retry_in >= POOL_WARN_AFTER {
+                    warn!(%service, "{reason}; refilling the pool in {retry_in:?}");
+                } else {
+                    info!(%service, "{reason}; refilling the pool in {retry_in:?}");
+                }
             }
         }
     }
@@ -226,7 +245,7 @@ pub struct BoundGateway {
     shared: Arc<Shared>,
     listener: TcpListener,
     admin: Option<TcpListener>,
-    services: Vec<(String, TcpListener)>,
+    services: Vec<(String, TcpListener, bool)>,
     http: Option<crate::http::BoundHttp>,
     fingerprint: [u8; 32],
 }
@@ -261,8 +280,8 @@ impl BoundGateway {
                     max_pending: s.max_pending,
                     pool: s.pool,
                     pool_max_idle: s.pool_max_idle,
-                    allow_from: Default::default(),
-                    clients_allow: Default::default(),
+                    allow_from: s.allow_from,
+                    clients_allow: s.clients_allow,
                 })
                 .collect::<Vec<_>>()
         })
@@ -290,7 +309,7 @@ impl BoundGateway {
         for s in &settings.services {
             if let Some(addr) = s.tcp_listen {
                 let l = bind(addr, &format!("tcp_listen of service {}", s.name)).await?;
-                service_listeners.push((s.name.clone(), l));
+                service_listeners.push((s.name.clone(), l, s.accept_proxy));
             }
         }
         let http = match &settings.http {
@@ -318,6 +337,11 @@ impl BoundGateway {
             handshake_timeout: settings.timing.handshake_timeout,
             token_ttl: settings.timing.token_ttl,
             metrics,
+            accept_proxy: settings.accept_proxy,
+            handshakes: Arc::new(tokio::sync::Semaphore::new(settings.max_handshakes)),
+            saturated: std::sync::atomic::AtomicBool::new(false),
+            drain: Arc::new(crate::drain::Drain::default()),
+            drain_timeout: settings.drain_timeout,
         });
         Ok(BoundGateway {
             shared,
@@ -342,8 +366,8 @@ impl BoundGateway {
     pub fn service_addr(&self, name: &str) -> Option<SocketAddr> {
         self.services
             .iter()
-            .find(|(n, _)| n == name)
-            .and_then(|(_, l)| l.local_addr().ok())
+            .find(|(n, _, _)| n == name)
+            .and_then(|(_, l, _)| l.local_addr().ok())
     }
 
     /// The bound addresses of `[http]`'s `listen` and `tls_listen`.
@@ -360,8 +384,9 @@ impl BoundGateway {
         self.shared.metrics.clone()
     }
 
-    /// Serves until `shutdown` completes, then stops accepting and returns. Established relays
-    /// are left to finish on the runtime.
+    /// Serves until `shutdown` completes, then drains: public listeners close at once, agents
+    /// stay connected so that clients already waiting still get their data connection, and
+    /// relayed clients have `drain_timeout` to finish before everything stops.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let BoundGateway {
             shared,
@@ -380,15 +405,26 @@ impl BoundGateway {
             tasks.spawn(crate::admin::serve(l, routes));
         }
         tasks.spawn(agent_accept_loop(shared.clone(), listener));
-        for (name, l) in services {
-            info!(service = %name, addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening for clients");
-            tasks.spawn(client_accept_loop(shared.clone(), name, l));
+        // Public entry points, closed first on shutdown.
+        let mut public = JoinSet::new();
+        for (name, l, accept_proxy) in services {
+            info!(service = %name, addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), accept_proxy, "listening for clients");
+            public.spawn(client_accept_loop(shared.clone(), name, l, accept_proxy));
         }
         if let Some(h) = http {
-            h.spawn(&shared, shared.metrics.clone(), &mut tasks);
+            h.spawn(&shared, shared.metrics.clone(), &mut public);
         }
         shutdown.await;
-        info!("shutting down");
+        public.shutdown().await;
+        let (active, limit) = (shared.drain.active(), shared.drain_timeout);
+        info!(active, "shutting down: no new clients; waiting up to {limit:?} for {active} connections to finish");
+        match tokio::time::timeout(limit, shared.drain.idle()).await {
+            Ok(()) => info!("drained: every connection finished"),
+            Err(_) => warn!(
+                remaining = shared.drain.active(),
+                "drain_timeout passed: closing the remaining connections"
+            ),
+        }
         tasks.abort_all();
     }
 }
@@ -435,11 +471,69 @@ async fn agent_accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                let Some(slot) = handshake_slot(&shared, peer, "agent port") else {
+                    continue; // dropping the stream closes it
+                };
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(agent_conn(shared.clone(), stream, peer));
+                tokio::spawn(agent_conn(shared.clone(), stream, peer, slot));
             }
             Err(e) => accept_backoff(&e).await,
         }
+    }
+}
+
+/// A slot among the connections allowed in their handshake at once (`max_handshakes`), or
+/// `None` when all are taken: the connection is then closed at once, so a flood of idle
+/// connections cannot hold more than that many sockets.
+fn handshake_slot(
+    shared: &Shared,
+    peer: SocketAddr,
+    on: &str,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    match shared.handshakes.clone().try_acquire_owned() {
+        Ok(slot) => {
+            if shared.saturated.swap(false, Ordering::Relaxed) {
+                info!("handshake slots available again");
+            }
+            Some(slot)
+        }
+        Err(_) => {
+            shared.metrics.handshake_dropped("overloaded");
+            if !shared.saturated.swap(true, Ordering::Relaxed) {
+                warn!(%peer, "every handshake slot is taken (max_handshakes): closing new connections on the {on} until one frees up");
+            } else {
+                debug!(%peer, "connection on the {on} closed: every handshake slot is taken");
+            }
+            None
+        }
+    }
+}
+
+/// Resolves the DNS names of access rules now, for the decision about a connection that just
+/// arrived, and hands the addresses to the core. A name that does not resolve matches nothing.
+async fn resolve_rule_names(shared: &Shared, names: Vec<String>) {
+    for name in names {
+        let addrs = match tokio::time::timeout(
+            shared.handshake_timeout,
+            tokio::net::lookup_host((name.as_str(), 0)),
+        )
+        .await
+        {
+            Ok(Ok(addrs)) => addrs.map(|a| a.ip()).collect(),
+            Ok(Err(e)) => {
+                warn!(%name, "access rule name does not resolve: {e}");
+                Vec::new()
+            }
+            Err(_) => {
+                warn!(%name, "access rule name did not resolve within {:?}", shared.handshake_timeout);
+                Vec::new()
+            }
+        };
+        debug!(%name, ?addrs, "access rule name resolved");
+        shared
+            .lock()
+            .core
+            .handle_resolved(Instant::now(), &name, addrs);
     }
 }
 
@@ -479,8 +573,38 @@ async fn classify(stream: &mut MaybeTls, tls: bool) -> Result<(Classified, Vec<u
     }
 }
 
-async fn agent_conn(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+async fn agent_conn(
+    shared: Arc<Shared>,
+    mut tcp: TcpStream,
+    via: SocketAddr,
+    slot: tokio::sync::OwnedSemaphorePermit,
+) {
     let timeout = shared.handshake_timeout;
+    let peer = if shared.accept_proxy {
+        match crate::proxy_header::read(&mut tcp, via, timeout).await {
+            Ok(origin) => {
+                debug!(%via, client = %origin.client, "PROXY header on agent port");
+                origin.client
+            }
+            Err(e) => {
+                shared.metrics.handshake_dropped(e.label());
+                warn!(%via, "connection on agent port dropped: PROXY header: {e}");
+                return;
+            }
+        }
+    } else {
+        via
+    };
+    // An address that keeps failing to authenticate waits longer and longer before it is
+    // served; this costs it time, not the gateway (the slot it holds is its own).
+    let delay = shared
+        .lock()
+        .core
+        .admission_delay(Instant::now(), peer.ip());
+    if !delay.is_zero() {
+        info!(%peer, "connection on agent port held for {delay:?} after failed authentications from this address");
+        tokio::time::sleep(delay).await;
+    }
     let opened = tokio::time::timeout(timeout, async {
         let mut first = [0u8; 1];
         let n = tcp
@@ -505,6 +629,7 @@ async fn agent_conn(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         Ok((stream, class, rest))
     })
     .await;
+    drop(slot);
     let (stream, class, rest) = match opened {
         Ok(Ok(v)) => v,
         Ok(Err((label, reason))) => {
@@ -536,6 +661,10 @@ async fn control_conn(shared: Arc<Shared>, stream: MaybeTls, peer: SocketAddr, e
             return;
         }
     };
+    let names = shared.lock().core.agent_names();
+    if !names.is_empty() {
+        resolve_rule_names(&shared, names).await;
+    }
     let conn = ConnId(shared.next_id());
     let (tx, mut rx) = mpsc::unbounded_channel();
     {
@@ -779,14 +908,45 @@ async fn watch_parked(shared: Arc<Shared>, dup: TcpStream, pooled: u64) {
     drop(gone);
 }
 
-async fn client_accept_loop(shared: Arc<Shared>, service: String, listener: TcpListener) {
+async fn client_accept_loop(
+    shared: Arc<Shared>,
+    service: String,
+    listener: TcpListener,
+    accept_proxy: bool,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(client_conn(shared.clone(), service.clone(), stream, peer));
+                tokio::spawn(client_conn(
+                    shared.clone(),
+                    service.clone(),
+                    stream,
+                    peer,
+                    accept_proxy,
+                ));
             }
             Err(e) => accept_backoff(&e).await,
+        }
+    }
+}
+
+/// Refuses a public client that `clients_allow` of `service` does not cover (and says why);
+/// resolves the rule's DNS names first.
+pub(crate) async fn check_client(shared: &Arc<Shared>, service: &str, client: SocketAddr) -> bool {
+    let names = shared.lock().core.client_names(service);
+    if !names.is_empty() {
+        resolve_rule_names(shared, names).await;
+    }
+    let verdict = shared.lock().core.client_allowed(service, client.ip());
+    match verdict {
+        Ok(()) => true,
+        Err(why) => {
+            if let Some(m) = shared.metrics.service(service) {
+                m.client_refused("not_allowed");
+            }
+            info!(%client, %service, "client refused: {why}");
+            false
         }
     }
 }
@@ -947,9 +1107,36 @@ async fn client_conn(
     shared: Arc<Shared>,
     service: String,
     mut client: TcpStream,
-    peer: SocketAddr,
+    via: SocketAddr,
+    accept_proxy: bool,
 ) {
-    let Ok(data) = open_data(&shared, &service, peer, client.local_addr().ok()).await else {
+    let _serving = shared.drain.guard();
+    let mut public = client.local_addr().ok();
+    let peer = if accept_proxy {
+        let Some(slot) = handshake_slot(&shared, via, "public port") else {
+            return;
+        };
+        match crate::proxy_header::read(&mut client, via, shared.handshake_timeout).await {
+            Ok(origin) => {
+                drop(slot);
+                public = origin.destination.or(public);
+                origin.client
+            }
+            Err(e) => {
+                if let Some(m) = shared.metrics.service(&service) {
+                    m.client_refused(e.label());
+                }
+                warn!(%via, %service, "client dropped: PROXY header: {e}");
+                return;
+            }
+        }
+    } else {
+        via
+    };
+    if !check_client(&shared, &service, peer).await {
+        return;
+    }
+    let Ok(data) = open_data(&shared, &service, peer, public).await else {
         return;
     };
     let DataConn { stream, early } = data;

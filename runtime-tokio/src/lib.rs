@@ -2,10 +2,12 @@
 
 pub mod admin;
 pub mod agent;
+pub mod drain;
 pub mod gateway;
 pub mod http;
 pub mod metrics;
 pub mod outbound;
+pub mod proxy_header;
 pub mod relay;
 pub mod settings;
 pub mod splice;

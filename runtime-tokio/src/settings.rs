@@ -39,6 +39,13 @@ pub struct GatewaySettings {
     pub admin_listen: Option<SocketAddr>,
     /// The public HTTP(S) entry point routing `/~~name` to services, when set.
     pub http: Option<HttpSettings>,
+    /// Connections on `listen` start with a PROXY protocol header from a front balancer.
+    pub accept_proxy: bool,
+    /// Connections on `listen` (and clients still sending their PROXY header) that may be in
+    /// their handshake at once; more are closed at once.
+    pub max_handshakes: usize,
+    /// On shutdown, how long relayed clients may take to finish before they are cut.
+    pub drain_timeout: Duration,
 }
 
 /// The `[http]` section: public HTTP and HTTPS ports that route requests to services by path
@@ -98,6 +105,12 @@ pub struct GatewayService {
     pub pool: usize,
     /// A pooled connection unused this long is replaced by a fresh one.
     pub pool_max_idle: Duration,
+    /// Who may register as this service's agent.
+    pub allow_from: dialback_core::acl::AllowList,
+    /// Who may be a public client of this service.
+    pub clients_allow: dialback_core::acl::AllowList,
+    /// Connections on `tcp_listen` start with a PROXY protocol header from a front balancer.
+    pub accept_proxy: bool,
 }
 
 /// How the agent decides that it talks to the real gateway.
@@ -139,6 +152,8 @@ pub struct AgentService {
     pub password: Secret,
     /// `host:port` of the private service this agent publishes.
     pub local: String,
+    /// Prepend a PROXY protocol header with the public client's address toward `local`.
+    pub send_proxy: Option<dialback_core::proxy_protocol::Version>,
 }
 
 pub const DEFAULT_MAX_PENDING: usize = 1024;
@@ -148,6 +163,8 @@ pub const DEFAULT_POOL: usize = 4;
 pub const DEFAULT_POOL_MAX_IDLE: Duration = Duration::from_secs(50);
 /// Largest pool a service may ask for.
 pub const MAX_POOL: usize = 256;
+pub const DEFAULT_MAX_HANDSHAKES: usize = 4096;
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_RECONNECT_MIN: Duration = Duration::from_millis(500);
 pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(30);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

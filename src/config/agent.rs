@@ -44,6 +44,7 @@ struct RawService {
     password_file: Option<Spanned<String>>,
     password_env: Option<Spanned<String>>,
     local: Option<Spanned<String>>,
+    send_proxy: Option<Spanned<String>>,
 }
 
 pub const NO_TRUST_MESSAGE: &str = "no way to verify the gateway: run `dialback fingerprint -c gateway.toml` on the gateway and set fingerprint = \"sha256:...\" here (or ca_file = \"ca.pem\", ca = \"system\", or insecure = true to skip verification)";
@@ -244,10 +245,16 @@ fn services(
         };
         check_host_port(local.get_ref())
             .map_err(|why| src.error_at(Some(local.span()), format!("{path}.local"), why))?;
+        let send_proxy = super::access::send_proxy(
+            src,
+            &format!("{path}.send_proxy"),
+            service.send_proxy.as_ref(),
+        )?;
         services.push(AgentService {
             name: name.into_inner(),
             password,
             local: local.into_inner(),
+            send_proxy,
         });
     }
     Ok(services)

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use dialback_core::Timing;
 use dialback_tokio::settings::{
-    GatewayService, GatewaySettings, IdentitySource, DEFAULT_MAX_PENDING, DEFAULT_POOL,
-    DEFAULT_POOL_MAX_IDLE, MAX_POOL,
+    GatewayService, GatewaySettings, IdentitySource, DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_PENDING, DEFAULT_POOL, DEFAULT_POOL_MAX_IDLE, MAX_POOL,
 };
 use serde::Deserialize;
 use toml::Spanned;
@@ -34,6 +34,10 @@ struct RawGateway {
     token_ttl: Option<Spanned<RawDuration>>,
     handshake_timeout: Option<Spanned<RawDuration>>,
     admin_listen: Option<Spanned<String>>,
+    #[serde(default)]
+    accept_proxy: bool,
+    max_handshakes: Option<Spanned<i64>>,
+    drain_timeout: Option<Spanned<RawDuration>>,
     http: Option<Spanned<super::http::RawHttp>>,
     #[serde(default)]
     services: BTreeMap<Spanned<String>, RawService>,
@@ -54,6 +58,10 @@ struct RawService {
     hosts: Vec<Spanned<String>>,
     pool: Option<Spanned<i64>>,
     pool_max_idle: Option<Spanned<RawDuration>>,
+    allow_from: Option<super::access::RawRules>,
+    clients_allow: Option<super::access::RawRules>,
+    #[serde(default)]
+    accept_proxy: bool,
 }
 
 pub fn parse(
@@ -143,6 +151,23 @@ pub fn check(src: &Source<'_>, env: EnvLookup<'_>) -> Result<Checked, ConfigErro
         &mut problems,
         &mut warnings,
     );
+    let max_handshakes = match &raw.max_handshakes {
+        None => DEFAULT_MAX_HANDSHAKES,
+        Some(v) => match usize::try_from(*v.get_ref()) {
+            Ok(n) if (16..=1_000_000).contains(&n) => n,
+            _ => {
+                problems.push(src.error_at(
+                    Some(v.span()),
+                    "max_handshakes",
+                    format!("must be from 16 to 1000000 (got {})", v.get_ref()),
+                ));
+                DEFAULT_MAX_HANDSHAKES
+            }
+        },
+    };
+    let drain_timeout = duration(src, "drain_timeout", &raw.drain_timeout, DEFAULT_DRAIN_TIMEOUT)
+        .map_err(|e| problems.push(e))
+        .unwrap_or(DEFAULT_DRAIN_TIMEOUT);
     let settings = match (listen, identity, timing) {
         (Some(listen), Some(identity), Some(timing)) if problems.is_empty() => {
             Some(GatewaySettings {
@@ -152,6 +177,9 @@ pub fn check(src: &Source<'_>, env: EnvLookup<'_>) -> Result<Checked, ConfigErro
                 services,
                 admin_listen,
                 http,
+                accept_proxy: raw.accept_proxy,
+                max_handshakes,
+                drain_timeout,
             })
         }
         _ => None,
@@ -444,6 +472,18 @@ fn services(
                 DEFAULT_POOL_MAX_IDLE
             }
         };
+        let allow_from = super::access::allow_list(
+            src,
+            &format!("{path}.allow_from"),
+            service.allow_from.as_ref(),
+            problems,
+        );
+        let clients_allow = super::access::allow_list(
+            src,
+            &format!("{path}.clients_allow"),
+            service.clients_allow.as_ref(),
+            problems,
+        );
         if let Some(password) = password.filter(|_| tcp_listen.is_some() || http_enabled) {
             if problems.len() == before {
                 services.push(GatewayService {
@@ -454,6 +494,9 @@ fn services(
                     max_pending,
                     pool,
                     pool_max_idle,
+                    allow_from,
+                    clients_allow,
+                    accept_proxy: service.accept_proxy,
                 });
             }
         }

@@ -166,10 +166,10 @@ fn unknown_service_key_names_line_and_full_key() {
 
 #[test]
 fn planned_keys_say_not_supported_yet() {
-    let e = gw_err(&format!("allow_from = [\"*\"]\n{MINIMAL_GATEWAY}"));
+    let e = gw_err(&format!("{MINIMAL_GATEWAY}upstreams = [\"10.0.0.5:80\"]\n"));
     assert_eq!(
         e.to_string(),
-        "gateway.toml:1: allow_from: `allow_from` is not supported by this version yet"
+        "gateway.toml:5: services.web.upstreams: `upstreams` is not supported by this version yet"
     );
 }
 

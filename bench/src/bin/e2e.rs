@@ -217,17 +217,22 @@ fn start_dialback(
     bin: &Path,
     dir: &Path,
     runtime: &str,
+    data_tls: bool,
     echo: u16,
     iperf: u16,
     cmds: &mut Vec<String>,
 ) -> Result<Running, String> {
-    let dir = dir.join(format!("dialback-{runtime}"));
+    let dir = dir.join(format!(
+        "dialback-{runtime}{}",
+        if data_tls { "-tls" } else { "" }
+    ));
+    let tls = if data_tls { "data_tls = true\n" } else { "" };
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let (ctl, pub_echo, pub_iperf) = (free_port(), free_port(), free_port());
     let gw = format!(
         "listen = \"127.0.0.1:{ctl}\"\nstate_dir = \"{}\"\n\n\
-         [services.echo]\npassword = \"bench-echo-password\"\ntcp_listen = \"127.0.0.1:{pub_echo}\"\n\n\
-         [services.iperf]\npassword = \"bench-iperf-password\"\ntcp_listen = \"127.0.0.1:{pub_iperf}\"\n",
+         [services.echo]\npassword = \"bench-echo-password\"\ntcp_listen = \"127.0.0.1:{pub_echo}\"\n{tls}\n\
+         [services.iperf]\npassword = \"bench-iperf-password\"\ntcp_listen = \"127.0.0.1:{pub_iperf}\"\n{tls}",
         dir.join("state").display()
     );
     let gw_path = dir.join("gateway.toml");
@@ -280,23 +285,48 @@ fn start_dialback(
     })
 }
 
+/// rathole's noise transport key pair, from `rathole --genkey`: (private, public).
+fn rathole_keys(bin: &Path) -> Result<(String, String), String> {
+    let (ok, out) = run_bounded(Command::new(bin).arg("--genkey"), Duration::from_secs(20))?;
+    let keys: Vec<&str> = out
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.len() == 44 && l.ends_with('='))
+        .collect();
+    match (ok, keys.as_slice()) {
+        (true, [private, public]) => Ok((private.to_string(), public.to_string())),
+        _ => Err(format!("rathole --genkey: unexpected output: {out}")),
+    }
+}
+
 fn start_rathole(
     bin: &Path,
     dir: &Path,
+    noise: bool,
     echo: u16,
     iperf: u16,
     cmds: &mut Vec<String>,
 ) -> Result<Running, String> {
-    let dir = dir.join("rathole");
+    let dir = dir.join(if noise { "rathole-noise" } else { "rathole" });
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let (ctl, pub_echo, pub_iperf) = (free_port(), free_port(), free_port());
+    let (server_transport, client_transport) = if noise {
+        let (private, public) = rathole_keys(bin)?;
+        cmds.push(format!("{} --genkey", bin.display()));
+        (
+            format!("[server.transport]\ntype = \"noise\"\n[server.transport.noise]\nlocal_private_key = \"{private}\"\n\n"),
+            format!("[client.transport]\ntype = \"noise\"\n[client.transport.noise]\nremote_public_key = \"{public}\"\n\n"),
+        )
+    } else {
+        (String::new(), String::new())
+    };
     let server = format!(
-        "[server]\nbind_addr = \"127.0.0.1:{ctl}\"\n\n\
+        "[server]\nbind_addr = \"127.0.0.1:{ctl}\"\n\n{server_transport}\
          [server.services.echo]\ntoken = \"bench-echo-token\"\nbind_addr = \"127.0.0.1:{pub_echo}\"\n\n\
          [server.services.iperf]\ntoken = \"bench-iperf-token\"\nbind_addr = \"127.0.0.1:{pub_iperf}\"\n"
     );
     let client = format!(
-        "[client]\nremote_addr = \"127.0.0.1:{ctl}\"\n\n\
+        "[client]\nremote_addr = \"127.0.0.1:{ctl}\"\n\n{client_transport}\
          [client.services.echo]\ntoken = \"bench-echo-token\"\nlocal_addr = \"127.0.0.1:{echo}\"\n\n\
          [client.services.iperf]\ntoken = \"bench-iperf-token\"\nlocal_addr = \"127.0.0.1:{iperf}\"\n"
     );
@@ -571,7 +601,7 @@ fn table(sys: &[(&str, &Results)]) -> (String, Vec<Row>) {
     (out, rows)
 }
 
-fn targets(rows: &[Row], db: &Results) -> String {
+fn targets(rows: &[Row], rows_enc: &[Row], db: &Results) -> String {
     let find = |l: &str| rows.iter().find(|r| r.0 == l);
     let n = rows.first().map_or(0, |r| r.2.len());
     // (tokio / direct, tokio / rathole, uring / tokio)
@@ -649,8 +679,14 @@ fn targets(rows: &[Row], db: &Results) -> String {
             judge(find(l).and_then(|r| rel(r).2), &|x| x >= 1.0),
         );
     }
+    for l in ["iperf3 1 stream", "iperf3 4 streams"] {
+        let enc = rows_enc.iter().find(|r| r.0 == l);
+        line(
+            &format!("TLS data channel ≥1.5x rathole noise ({l})"),
+            judge(enc.and_then(|r| ratio(r.2[1], r.2[2])), &|x| x >= 1.5),
+        );
+    }
     for t in [
-        "TLS data channel ≥1.5x rathole noise",
         "HTTP through /~~name, raw TCP ≥1.3x rathole, p99 ≤1.5x direct",
         "10,000 concurrent tunneled connections",
         "no allocation per relayed byte",
@@ -658,6 +694,162 @@ fn targets(rows: &[Row], db: &Results) -> String {
         line(t, "not measured by this harness".into());
     }
     out
+}
+
+// ---------------------------------------------------------------- chart
+
+/// One bar: label, ratio (dialback / peer, higher is better), target (if any).
+type Bar = (String, Option<f64>, Option<f64>);
+
+fn bars(rows: &[Row], rows_enc: &[Row]) -> Vec<Bar> {
+    let n = rows.first().map_or(0, |r| r.2.len());
+    let get = |rows: &[Row], l: &str| rows.iter().find(|r| r.0 == l).cloned();
+    let mut out: Vec<Bar> = Vec::new();
+    for (label, metric, target, lower_is_better) in [
+        ("throughput, 1 stream", "iperf3 1 stream", Some(1.5), false),
+        (
+            "throughput, 4 streams",
+            "iperf3 4 streams",
+            Some(1.5),
+            false,
+        ),
+        (
+            "conn/s, concurrency 1",
+            "conn/s, concurrency 1",
+            Some(2.0),
+            false,
+        ),
+        (
+            "conn/s, concurrency 32",
+            "conn/s, concurrency 32",
+            Some(2.0),
+            false,
+        ),
+        (
+            "p50 latency, conc. 1 (inverse)",
+            "p50, concurrency 1",
+            None,
+            true,
+        ),
+        (
+            "gateway RSS holding idle conns (inverse)",
+            "RSS holding idle conns, gateway (rathole server)",
+            None,
+            true,
+        ),
+    ] {
+        let Some(r) = get(rows, metric) else { continue };
+        for (i, rt) in [(1usize, "tokio"), (2, "uring")] {
+            if i >= n.saturating_sub(1) {
+                continue;
+            }
+            let v = if lower_is_better {
+                ratio(r.2[n - 1], r.2[i])
+            } else {
+                ratio(r.2[i], r.2[n - 1])
+            };
+            out.push((format!("{label}, {rt} vs rathole tcp"), v, target));
+        }
+    }
+    for (label, metric) in [
+        ("TLS throughput, 1 stream", "iperf3 1 stream"),
+        ("TLS throughput, 4 streams", "iperf3 4 streams"),
+    ] {
+        if let Some(r) = get(rows_enc, metric) {
+            out.push((
+                format!("{label}, data_tls vs rathole noise"),
+                ratio(r.2[1], r.2[2]),
+                Some(1.5),
+            ));
+        }
+    }
+    out
+}
+
+/// A horizontal bar chart of the ratios against rathole, with parity and the targets marked.
+fn chart_svg(bars: &[Bar], subtitle: &str) -> String {
+    let (left, width, row_h, top) = (330.0, 420.0, 26.0, 70.0);
+    let max = bars
+        .iter()
+        .filter_map(|b| b.1)
+        .chain(bars.iter().filter_map(|b| b.2))
+        .fold(2.5f64, f64::max)
+        .ceil();
+    let x = |v: f64| left + width * (v / max);
+    let h = top + row_h * bars.len() as f64 + 40.0;
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#,
+        w = left + width + 60.0
+    );
+    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        svg,
+        r#"<text x="10" y="22" font-size="16" font-weight="bold">dialback relative to rathole 0.5.0 (higher is better)</text>"#
+    );
+    let _ = writeln!(
+        svg,
+        r##"<text x="10" y="42" fill="#555">{subtitle}</text>"##
+    );
+    for t in 0..=(max as u32) {
+        let tx = x(f64::from(t));
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{tx}" y1="{top}" x2="{tx}" y2="{y2}" stroke="{c}" stroke-width="{sw}"/><text x="{tx}" y="{ty}" text-anchor="middle" fill="#555">{t}x</text>"##,
+            y2 = h - 35.0,
+            ty = h - 20.0,
+            c = if t == 1 { "#333" } else { "#ddd" },
+            sw = if t == 1 { 1.5 } else { 1.0 }
+        );
+    }
+    for (i, (label, v, target)) in bars.iter().enumerate() {
+        let y = top + row_h * i as f64 + 4.0;
+        let _ = writeln!(
+            svg,
+            r##"<text x="{lx}" y="{ty}" text-anchor="end">{label}</text>"##,
+            lx = left - 8.0,
+            ty = y + 13.0
+        );
+        match v {
+            Some(v) => {
+                let met = target.is_none_or(|t| *v >= t);
+                let _ = writeln!(
+                    svg,
+                    r##"<rect x="{left}" y="{y}" width="{bw:.1}" height="{bh}" fill="{c}"/><text x="{vx:.1}" y="{ty}" fill="#222">{v:.2}x</text>"##,
+                    bw = (x(*v) - left).max(1.0),
+                    bh = row_h - 8.0,
+                    c = if met { "#4a8f4a" } else { "#c0504d" },
+                    vx = x(*v) + 4.0,
+                    ty = y + 13.0
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    svg,
+                    r##"<text x="{lx}" y="{ty}" fill="#999">not measured</text>"##,
+                    lx = left + 4.0,
+                    ty = y + 13.0
+                );
+            }
+        }
+        if let Some(t) = target {
+            let tx = x(*t);
+            let _ = writeln!(
+                svg,
+                r##"<line x1="{tx:.1}" y1="{y1}" x2="{tx:.1}" y2="{y2}" stroke="#000" stroke-dasharray="3,2" stroke-width="1.5"/>"##,
+                y1 = y - 2.0,
+                y2 = y + row_h - 6.0
+            );
+        }
+    }
+    let _ = writeln!(
+        svg,
+        r##"<text x="10" y="{y}" fill="#555">green: DESIGN.md target met (dashed mark) or no target; red: target not met. "inverse": rathole / dialback.</text>"##,
+        y = h - 4.0
+    );
+    svg.push_str("</svg>\n");
+    svg
 }
 
 // ---------------------------------------------------------------- main
@@ -834,6 +1026,7 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
             &dialback_bin,
             &dir,
             runtime,
+            false,
             echo_port,
             iperf_port,
             &mut cmds,
@@ -851,8 +1044,41 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
     let rh = match &rathole {
         Some(bin) => {
             progress("rathole: starting server and client");
-            match start_rathole(bin, &dir, echo_port, iperf_port, &mut cmds) {
+            match start_rathole(bin, &dir, false, echo_port, iperf_port, &mut cmds) {
                 Ok(sys) => measure("rathole", sys, &plan).await,
+                Err(e) => Results {
+                    note: e,
+                    ..Default::default()
+                },
+            }
+        }
+        None => Results {
+            note: "rathole 0.5.0 unavailable (not installed / install failed)".into(),
+            ..Default::default()
+        },
+    };
+    // Encrypted data channels: dialback's data_tls against rathole's noise transport.
+    progress("dialback tokio, data_tls: starting gateway and agent");
+    let db_tls = match start_dialback(
+        &dialback_bin,
+        &dir,
+        "tokio",
+        true,
+        echo_port,
+        iperf_port,
+        &mut cmds,
+    ) {
+        Ok(sys) => measure("dialback tokio data_tls", sys, &plan).await,
+        Err(e) => Results {
+            note: e,
+            ..Default::default()
+        },
+    };
+    let rh_noise = match &rathole {
+        Some(bin) => {
+            progress("rathole noise: starting server and client");
+            match start_rathole(bin, &dir, true, echo_port, iperf_port, &mut cmds) {
+                Ok(sys) => measure("rathole noise", sys, &plan).await,
                 Err(e) => Results {
                     note: e,
                     ..Default::default()
@@ -873,10 +1099,17 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
     }
     systems.push(("rathole tcp", &rh));
     let (tbl, rows) = table(&systems);
-    let tgt = targets(&rows, db);
+    let encrypted: Vec<(&str, &Results)> = vec![
+        ("direct", &direct),
+        ("dialback tokio data_tls", &db_tls),
+        ("rathole noise", &rh_noise),
+    ];
+    let (tbl_enc, rows_enc) = table(&encrypted);
+    let tgt = targets(&rows, &rows_enc, db);
     println!("{tbl}");
+    println!("{tbl_enc}");
     println!("{tgt}");
-    for (n, r) in &systems {
+    for (n, r) in systems.iter().chain(&encrypted[1..]) {
         if !r.available || !r.note.is_empty() {
             println!(
                 "{n}: {}",
@@ -936,11 +1169,17 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
          them.\n\
          - dialback uses the plain (non-TLS) data channel (`data_tls = false`) and the default \
          pool of 4 ready data connections, RUST_LOG=warn; `dialback tokio` and `dialback uring` \
-         differ only in `--runtime`. rathole uses its tcp transport, RUST_LOG=warn.\n",
+         differ only in `--runtime`. rathole uses its tcp transport, RUST_LOG=warn.\n\
+         - encrypted: dialback with `data_tls = true` (rustls, TLS 1.3, user-space copies; no \
+         kernel TLS on this kernel) against rathole's noise transport (keys from `--genkey`).\n",
         plan.iperf_secs, plan.conn_dur, plan.conn_max, plan.idle_conns
     );
-    let _ = writeln!(md, "## Results\n\n{tbl}");
-    for (n, r) in &systems {
+    let _ = writeln!(md, "## Results\n\n### Plain data channel\n\n{tbl}");
+    let _ = writeln!(
+        md,
+        "### Encrypted data channel (dialback `data_tls = true`: rustls; rathole: noise)\n\n{tbl_enc}"
+    );
+    for (n, r) in systems.iter().chain(&encrypted[1..]) {
         if !r.available || !r.note.is_empty() {
             let _ = writeln!(
                 md,
@@ -964,6 +1203,29 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
             }
         }
     }
+    let chart_path = out_path.with_extension("svg");
+    let chart = chart_svg(
+        &bars(&rows, &rows_enc),
+        &format!(
+            "{} · {} · load average at the end {}",
+            first_line(Command::new("date").args(["-u", "+%Y-%m-%d"])),
+            first_line(Command::new("uname").arg("-sr")),
+            std::fs::read_to_string("/proc/loadavg")
+                .unwrap_or_default()
+                .split_whitespace()
+                .next()
+                .unwrap_or("?")
+        ),
+    );
+    if let Err(e) = std::fs::write(&chart_path, chart) {
+        eprintln!("writing {}: {e}", chart_path.display());
+        return 1;
+    }
+    let chart_name = chart_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let _ = writeln!(md, "![dialback relative to rathole]({chart_name})\n");
     let _ = writeln!(md, "\n## Targets\n\n{tgt}");
     let _ = writeln!(md, "## Exact commands\n\n```");
     for c in &cmds {
@@ -975,7 +1237,6 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
         return 1;
     }
     progress(&format!("wrote {}", out_path.display()));
-    let _ = std::fs::remove_dir_all(&dir);
     // A smoke run judges no speed, but every dialback runtime must have carried traffic.
     let mut broken = Vec::new();
     for (name, r) in &runtimes {
@@ -988,9 +1249,22 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
             broken.push(name.as_str());
         }
     }
+    if !(db_tls.available
+        && db_tls
+            .c1
+            .as_ref()
+            .is_some_and(|c| c.ok > 0 && c.errors == 0))
+    {
+        broken.push("dialback tokio data_tls");
+    }
     if !broken.is_empty() {
-        eprintln!("not working end to end: {}", broken.join(", "));
+        eprintln!(
+            "not working end to end: {}; logs kept in {}",
+            broken.join(", "),
+            dir.display()
+        );
         return 1;
     }
+    let _ = std::fs::remove_dir_all(&dir);
     0
 }
