@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use dialback_core::Timing;
 use dialback_tokio::settings::{
-    GatewayService, GatewaySettings, IdentitySource, DEFAULT_DRAIN_TIMEOUT,
-    DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_PENDING, DEFAULT_POOL, DEFAULT_POOL_MAX_IDLE, MAX_POOL,
+    GatewayService, GatewaySettings, IdentitySource, DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_HANDSHAKES,
+    DEFAULT_MAX_PENDING, DEFAULT_POOL, DEFAULT_POOL_MAX_IDLE, MAX_POOL,
 };
 use serde::Deserialize;
 use toml::Spanned;
@@ -165,9 +165,14 @@ pub fn check(src: &Source<'_>, env: EnvLookup<'_>) -> Result<Checked, ConfigErro
             }
         },
     };
-    let drain_timeout = duration(src, "drain_timeout", &raw.drain_timeout, DEFAULT_DRAIN_TIMEOUT)
-        .map_err(|e| problems.push(e))
-        .unwrap_or(DEFAULT_DRAIN_TIMEOUT);
+    let drain_timeout = duration(
+        src,
+        "drain_timeout",
+        &raw.drain_timeout,
+        DEFAULT_DRAIN_TIMEOUT,
+    )
+    .map_err(|e| problems.push(e))
+    .unwrap_or(DEFAULT_DRAIN_TIMEOUT);
     let settings = match (listen, identity, timing) {
         (Some(listen), Some(identity), Some(timing)) if problems.is_empty() => {
             Some(GatewaySettings {
