@@ -7,21 +7,18 @@
 //! goes to the same service. A `101 Switching Protocols` ends HTTP on the connection; from
 //! then on both streams are relayed byte for byte (spliced when both are plain TCP).
 
-use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dialback_core::gateway::ClientReject;
-use dialback_core::http::body::{request_framing, response_framing, BodyState, Framing};
-use dialback_core::http::head::{parse_response, Headers, Limits, RequestHead, RequestReader};
-use dialback_core::http::rewrite::{request_head, response_head, Forwarding};
+use dialback_core::http::body::{request_framing, BodyState, Framing};
+use dialback_core::http::head::{Limits, RequestHead, RequestReader};
+use dialback_core::http::rewrite::{request_head, Forwarding};
 use dialback_core::http::route::{Route, Router, ServiceRoute};
 use dialback_core::http::{error_response, HttpError};
-use rustls::server::{ClientHello, ResolvesServerCert};
-use rustls::sign::CertifiedKey;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -29,29 +26,21 @@ use tracing::{debug, info, warn};
 
 use crate::gateway::{open_data, DataConn, GatewayError, OpenError, Shared};
 use crate::metrics::{ConnectionGuard, GatewayMetrics};
-use crate::settings::{HttpCert, HttpSettings};
+use crate::settings::HttpSettings;
 use crate::stream::MaybeTls;
-use crate::tls;
+
+mod sni;
+mod transfer;
+
+use transfer::{
+    pass_response, read_more, send_body, shrink, Passed, RespError, COALESCE, HEAD_CHUNK,
+};
 
 /// First byte of a TLS handshake record.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
-/// Room made for each read while a head is expected: heads are small, and many idle
-/// connections wait for one.
-const HEAD_CHUNK: usize = 4 * 1024;
-/// Room made for each read of a body.
-const BODY_CHUNK: usize = 64 * 1024;
 /// How long, and how much, a refused client's remaining request is read and dropped.
 const LINGER: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 16 * 1024 * 1024;
-/// Body bytes sent in the same write as the response head, at most.
-const COALESCE: usize = 16 * 1024;
-/// A buffer larger than this is shrunk after each exchange.
-const IDLE_BUF: usize = 16 * 1024;
-/// Response heads from services may be larger than what clients may send (cookies, CSP).
-const RESPONSE_LIMITS: Limits = Limits {
-    max_head: 64 * 1024,
-    max_headers: 200,
-};
 
 /// What every HTTP connection shares.
 pub(crate) struct Front {
@@ -96,7 +85,7 @@ pub(crate) async fn bind(
     )
     .map_err(config_error)?;
     let tls = match settings.tls_listen {
-        Some(_) => Some(tokio_rustls::TlsAcceptor::from(server_config(
+        Some(_) => Some(tokio_rustls::TlsAcceptor::from(sni::server_config(
             &settings.certs,
         )?)),
         None => None,
@@ -174,70 +163,6 @@ impl BoundHttp {
             ));
         }
     }
-}
-
-/// Certificates chosen by SNI: an exact name first, then the most specific `*.domain`, then
-/// the first certificate.
-#[derive(Debug)]
-struct SniResolver {
-    certs: Vec<(Vec<String>, Arc<CertifiedKey>)>,
-}
-
-impl ResolvesServerCert for SniResolver {
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let name = hello.server_name().map(str::to_ascii_lowercase);
-        let chosen = name.as_deref().and_then(|name| {
-            let exact = self
-                .certs
-                .iter()
-                .find(|(names, _)| names.iter().any(|n| n == name));
-            exact
-                .or_else(|| {
-                    self.certs
-                        .iter()
-                        .flat_map(|c| c.0.iter().map(move |n| (c, n)))
-                        .filter_map(|(c, n)| {
-                            let suffix = n.strip_prefix("*.")?;
-                            let under = name.strip_suffix(suffix)?.strip_suffix('.')?;
-                            // A wildcard covers one label, as in certificates.
-                            (!under.is_empty() && !under.contains('.')).then_some((c, suffix.len()))
-                        })
-                        .max_by_key(|(_, len)| *len)
-                        .map(|(c, _)| c)
-                })
-                .map(|(_, k)| k.clone())
-        });
-        chosen.or_else(|| self.certs.first().map(|(_, k)| k.clone()))
-    }
-}
-
-fn server_config(certs: &[HttpCert]) -> Result<Arc<rustls::ServerConfig>, GatewayError> {
-    if certs.is_empty() {
-        return Err(config_error(
-            "[http] tls_listen needs a certificate: set cert and key, or [[http.certs]]",
-        ));
-    }
-    let provider = tls::provider();
-    let mut loaded = Vec::new();
-    for c in certs {
-        let id = tls::load_pair(&c.cert, &c.key)?;
-        let key = CertifiedKey::from_der(id.certs, id.key, &provider).map_err(|e| {
-            config_error(format!(
-                "certificate {} with key {}: {e}",
-                c.cert.display(),
-                c.key.display()
-            ))
-        })?;
-        let names = c.names.iter().map(|n| n.to_ascii_lowercase()).collect();
-        loaded.push((names, Arc::new(key)));
-    }
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(config_error)?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(SniResolver { certs: loaded }));
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(cfg))
 }
 
 async fn accept_loop(
@@ -379,36 +304,6 @@ enum Exchanged {
     Done { close: bool, status: u16 },
     /// `101`: relay the rest as bytes.
     Upgraded,
-}
-
-/// Why a response could not be passed on.
-enum RespError {
-    /// The service closed before sending anything: a kept connection that went stale.
-    Nothing,
-    /// Anything else; `sent` says whether part of the response already reached the client.
-    Failed {
-        status: u16,
-        why: String,
-        sent: bool,
-    },
-}
-
-/// Reads more bytes into `buf`, making room for `want` more; `Ok(0)` at EOF.
-async fn read_more<R: AsyncRead + Unpin>(
-    rd: &mut R,
-    buf: &mut Vec<u8>,
-    want: usize,
-) -> io::Result<usize> {
-    buf.reserve(want);
-    rd.read_buf(buf).await
-}
-
-/// Gives back the room a large body needed, so an idle kept-alive connection holds little
-/// memory.
-fn shrink(buf: &mut Vec<u8>) {
-    if buf.capacity() > IDLE_BUF {
-        buf.shrink_to(buf.len().max(IDLE_BUF / 4));
-    }
 }
 
 impl Conn {
@@ -848,217 +743,6 @@ fn idempotent(method: &str) -> bool {
         method,
         "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
     )
-}
-
-/// How a response ended.
-enum Passed {
-    Done { service_closes: bool, status: u16 },
-    Upgraded,
-}
-
-/// Passes the request body from the client to the service, as far as `body` says it goes.
-async fn send_body<R, W>(
-    rd: &mut R,
-    buf: &mut Vec<u8>,
-    wr: &mut W,
-    body: &mut BodyState,
-    traffic: Option<&ConnectionGuard>,
-    idle: Duration,
-) -> Result<(), String>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    loop {
-        let n = body.advance(buf).map_err(|e| e.to_string())?;
-        if n > 0 {
-            wr.write_all(&buf[..n])
-                .await
-                .map_err(|e| format!("cannot send the request body: {e}"))?;
-            buf.drain(..n);
-            if let Some(t) = traffic {
-                t.add_up(n as u64);
-            }
-        }
-        if body.is_done() {
-            return wr
-                .flush()
-                .await
-                .map_err(|e| format!("cannot send the request body: {e}"));
-        }
-        match tokio::time::timeout(idle, read_more(rd, buf, BODY_CHUNK)).await {
-            Ok(Ok(0)) => return Err("the client closed in the middle of the request body".into()),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(format!("reading the request body failed: {e}")),
-            Err(_) => return Err(format!("the request body stalled for {idle:?}")),
-        }
-    }
-}
-
-/// Reads the service's response head (after any interim `1xx`), sends it rewritten to the
-/// client, then passes the body.
-#[allow(clippy::too_many_arguments)]
-async fn pass_response<R, W>(
-    rd: &mut R,
-    buf: &mut Vec<u8>,
-    wr: &mut W,
-    request: &RequestHead,
-    route: &Route,
-    https: bool,
-    traffic: Option<&ConnectionGuard>,
-    response_timeout: Duration,
-    started: &AtomicBool,
-    uploaded: &Notify,
-    body_pending: bool,
-) -> Result<Passed, RespError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let service = &route.service;
-    let mut sent = false;
-    let failed = |status: u16, why: String, sent: bool| RespError::Failed { status, why, sent };
-    let host = request.get("host").map(str::to_owned);
-    // The service has response_timeout to answer once it has the whole request; while the
-    // body is still going up, the upload's own stall timeout applies.
-    let mut deadline = (!body_pending).then(|| Instant::now() + response_timeout);
-    loop {
-        let (head, len) = loop {
-            match parse_response(buf, &RESPONSE_LIMITS) {
-                Ok(Some(parsed)) => break parsed,
-                Ok(None) => {}
-                Err(why) => return Err(failed(502, format!("service {service}: {why}"), sent)),
-            }
-            let read = match deadline {
-                Some(d) => tokio::time::timeout_at(d.into(), read_more(rd, buf, HEAD_CHUNK)).await,
-                None => tokio::select! {
-                    r = read_more(rd, buf, HEAD_CHUNK) => Ok(r),
-                    _ = uploaded.notified() => {
-                        deadline = Some(Instant::now() + response_timeout);
-                        continue;
-                    }
-                },
-            };
-            match read {
-                Ok(Ok(0)) if buf.is_empty() && !sent => return Err(RespError::Nothing),
-                Ok(Ok(0)) => {
-                    return Err(failed(
-                        502,
-                        format!("service {service} closed in the middle of a response head"),
-                        sent,
-                    ))
-                }
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) if buf.is_empty() && !sent => {
-                    debug!(%service, "reading from the service failed: {e}");
-                    return Err(RespError::Nothing);
-                }
-                Ok(Err(e)) => {
-                    return Err(failed(
-                        502,
-                        format!("reading from service {service} failed: {e}"),
-                        sent,
-                    ))
-                }
-                Err(_) => {
-                    return Err(failed(
-                        504,
-                        format!("service {service} did not answer within {response_timeout:?}"),
-                        sent,
-                    ))
-                }
-            }
-        };
-        buf.drain(..len);
-        let framing = response_framing(&request.method, &head)
-            .map_err(|why| failed(502, format!("service {service}: {why}"), sent))?;
-        let mut out = response_head(&head, route, host.as_deref(), https);
-        let head_len = out.len();
-        let final_response = framing != Framing::Upgrade && !(100..200).contains(&head.status);
-        let mut body = BodyState::new(if final_response {
-            framing
-        } else {
-            Framing::Empty
-        });
-        // The part of the body already read goes out with the head, in one write: a small
-        // response then costs one segment instead of two.
-        let n = body
-            .advance(&buf[..buf.len().min(COALESCE)])
-            .map_err(|e| failed(502, format!("service {service}: {e}"), sent))?;
-        out.extend_from_slice(&buf[..n]);
-        buf.drain(..n);
-        started.store(true, Ordering::Relaxed);
-        wr.write_all(&out)
-            .await
-            .map_err(|e| failed(502, format!("the client went away: {e}"), true))?;
-        sent = true;
-        if let Some(t) = traffic {
-            t.add_down(head_len as u64 + n as u64);
-        }
-        if framing == Framing::Upgrade {
-            wr.flush()
-                .await
-                .map_err(|e| failed(502, format!("the client went away: {e}"), true))?;
-            return Ok(Passed::Upgraded);
-        }
-        if (100..200).contains(&head.status) {
-            // Interim (100 Continue, 103 Early Hints): the real response follows.
-            wr.flush()
-                .await
-                .map_err(|e| failed(502, format!("the client went away: {e}"), true))?;
-            continue;
-        }
-        loop {
-            let n = body
-                .advance(buf)
-                .map_err(|e| failed(502, format!("service {service}: {e}"), true))?;
-            if n > 0 {
-                wr.write_all(&buf[..n])
-                    .await
-                    .map_err(|e| failed(502, format!("the client went away: {e}"), true))?;
-                buf.drain(..n);
-                if let Some(t) = traffic {
-                    t.add_down(n as u64);
-                }
-            }
-            if body.is_done() {
-                break;
-            }
-            match read_more(rd, buf, BODY_CHUNK).await {
-                Ok(0) if body.ends_at_eof() => {
-                    wr.flush()
-                        .await
-                        .map_err(|e| failed(502, format!("the client went away: {e}"), true))?;
-                    return Ok(Passed::Done {
-                        service_closes: true,
-                        status: head.status,
-                    });
-                }
-                Ok(0) => {
-                    return Err(failed(
-                        502,
-                        format!("service {service} closed in the middle of a response body"),
-                        true,
-                    ))
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    return Err(failed(
-                        502,
-                        format!("reading from service {service} failed: {e}"),
-                        true,
-                    ))
-                }
-            }
-        }
-        wr.flush()
-            .await
-            .map_err(|e| failed(502, format!("the client went away: {e}"), true))?;
-        return Ok(Passed::Done {
-            service_closes: head.closes(),
-            status: head.status,
-        });
-    }
 }
 
 #[cfg(test)]
