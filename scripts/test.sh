@@ -14,12 +14,19 @@ command -v python3 >/dev/null 2>&1 || need_apt+=(python3 python3-pip)
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
 # The HTTPS tests make a test CA and certificates with the openssl command line.
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+# PROXY protocol peers: HAProxy (accept-proxy, send-proxy) and nginx (listen ... proxy_protocol).
+[ -x /usr/sbin/haproxy ] || need_apt+=(haproxy)
+[ -x /usr/sbin/nginx ] || need_apt+=(nginx-light)
+# The access-rule tests put gateway, agents and clients in network namespaces of their own.
+command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
     # The package starts a system-wide squid on :3128; the tests start their own.
     (systemctl stop squid || service squid stop || pkill -x squid) >/dev/null 2>&1 || true
+    # Likewise the system-wide HAProxy and nginx; the tests start their own on free ports.
+    (systemctl stop haproxy nginx || service haproxy stop; service nginx stop) >/dev/null 2>&1 || true
   else
     echo "missing packages: ${need_apt[*]} (install them, or run as root)" >&2
     exit 1
