@@ -163,6 +163,17 @@ async fn open_idle(target: SocketAddr, n: usize) -> (Vec<TcpStream>, usize) {
     (held, failed)
 }
 
+/// Waits (bounded) until something accepts connections on `target`.
+async fn wait_ready_http(target: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if TcpStream::connect(target).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn wait_ready(target: SocketAddr, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
@@ -204,15 +215,95 @@ fn iperf(port: u16, streams: u32, secs: u32) -> Result<f64, String> {
     Err(last)
 }
 
+// ---------------------------------------------------------------- HTTP (wrk against nginx)
+
+#[derive(Clone, Default)]
+struct WrkStats {
+    per_sec: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+/// `wrk --latency` duration like `1.23ms`, `850.00us` or `1.10s`, in microseconds.
+fn wrk_duration(v: &str) -> Option<f64> {
+    let (num, scale) = if let Some(n) = v.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix("ms") {
+        (n, 1e3)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1e6)
+    } else {
+        return None;
+    };
+    num.parse::<f64>().ok().map(|x| x * scale)
+}
+
+fn wrk(url: &str, secs: u32) -> Result<WrkStats, String> {
+    let mut cmd = Command::new("wrk");
+    cmd.args(["-t2", "-c32", &format!("-d{secs}s"), "--latency", url]);
+    let (ok, out) = run_bounded(&mut cmd, Duration::from_secs(u64::from(secs) + 20))?;
+    let mut st = WrkStats::default();
+    for line in out.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        match f.as_slice() {
+            ["Requests/sec:", v] => st.per_sec = v.parse().unwrap_or(0.0),
+            ["50%", v] => st.p50_us = wrk_duration(v).unwrap_or(f64::NAN),
+            ["99%", v] => st.p99_us = wrk_duration(v).unwrap_or(f64::NAN),
+            _ => {}
+        }
+    }
+    let errors = out.contains("Non-2xx") || out.contains("Socket errors");
+    if !ok || st.per_sec <= 0.0 || errors {
+        return Err(format!("wrk {url}: {}", out.trim()));
+    }
+    Ok(st)
+}
+
+/// nginx serving a 1 KiB page on loopback, as the private web service.
+fn start_nginx(dir: &Path, port: u16) -> Result<Proc, String> {
+    let dir = dir.join("nginx");
+    let www = dir.join("www");
+    std::fs::create_dir_all(&www).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(dir.join("tmp")).map_err(|e| e.to_string())?;
+    let page = format!(
+        "<!doctype html><title>bench</title><p>{}</p>\n",
+        "x".repeat(960)
+    );
+    std::fs::write(www.join("index.html"), page).map_err(|e| e.to_string())?;
+    let d = dir.display();
+    let conf = format!(
+        "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/tmp;\n  proxy_temp_path {d}/tmp;\n\
+         fastcgi_temp_path {d}/tmp;\n  uwsgi_temp_path {d}/tmp;\n  scgi_temp_path {d}/tmp;\n\
+         server {{\n    listen 127.0.0.1:{port};\n    root {d}/www;\n  }}\n}}\n"
+    );
+    let conf_path = dir.join("nginx.conf");
+    std::fs::write(&conf_path, conf).map_err(|e| e.to_string())?;
+    Proc::spawn(
+        "nginx",
+        Command::new("nginx")
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(&conf_path),
+        &dir.join("nginx.log"),
+    )
+}
+
 // ---------------------------------------------------------------- systems
 
 struct Running {
     echo: SocketAddr,
     iperf: u16,
+    /// The web service forwarded as a raw TCP port, and (dialback only) through `/~~web`.
+    web: Option<String>,
+    web_prefix: Option<String>,
     /// (role, process) pairs whose RSS is reported; empty for `direct`.
     procs: Vec<(String, Proc)>,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn start_dialback(
     bin: &Path,
     dir: &Path,
@@ -220,6 +311,7 @@ fn start_dialback(
     data_tls: bool,
     echo: u16,
     iperf: u16,
+    web: Option<u16>,
     cmds: &mut Vec<String>,
 ) -> Result<Running, String> {
     let dir = dir.join(format!(
@@ -229,10 +321,27 @@ fn start_dialback(
     let tls = if data_tls { "data_tls = true\n" } else { "" };
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let (ctl, pub_echo, pub_iperf) = (free_port(), free_port(), free_port());
+    let (pub_web, http) = (free_port(), free_port());
+    let web_gw = match web {
+        Some(_) => format!(
+            "\n[services.web]\npassword = \"bench-web-password\"\ntcp_listen = \"127.0.0.1:{pub_web}\"\n{tls}"
+        ),
+        None => String::new(),
+    };
+    let web_agent = match web {
+        Some(port) => format!(
+            "\n[services.web]\npassword = \"bench-web-password\"\nlocal = \"127.0.0.1:{port}\"\n"
+        ),
+        None => String::new(),
+    };
+    let http_section = match web {
+        Some(_) => format!("[http]\nlisten = \"127.0.0.1:{http}\"\n\n"),
+        None => String::new(),
+    };
     let gw = format!(
-        "listen = \"127.0.0.1:{ctl}\"\nstate_dir = \"{}\"\n\n\
+        "listen = \"127.0.0.1:{ctl}\"\nstate_dir = \"{}\"\n\n{http_section}\
          [services.echo]\npassword = \"bench-echo-password\"\ntcp_listen = \"127.0.0.1:{pub_echo}\"\n{tls}\n\
-         [services.iperf]\npassword = \"bench-iperf-password\"\ntcp_listen = \"127.0.0.1:{pub_iperf}\"\n{tls}",
+         [services.iperf]\npassword = \"bench-iperf-password\"\ntcp_listen = \"127.0.0.1:{pub_iperf}\"\n{tls}{web_gw}",
         dir.join("state").display()
     );
     let gw_path = dir.join("gateway.toml");
@@ -247,7 +356,7 @@ fn start_dialback(
     let agent = format!(
         "gateway = \"127.0.0.1:{ctl}\"\nfingerprint = \"{fp}\"\n\n\
          [services.echo]\npassword = \"bench-echo-password\"\nlocal = \"127.0.0.1:{echo}\"\n\n\
-         [services.iperf]\npassword = \"bench-iperf-password\"\nlocal = \"127.0.0.1:{iperf}\"\n"
+         [services.iperf]\npassword = \"bench-iperf-password\"\nlocal = \"127.0.0.1:{iperf}\"\n{web_agent}"
     );
     let agent_path = dir.join("agent.toml");
     std::fs::write(&agent_path, &agent).map_err(|e| e.to_string())?;
@@ -281,6 +390,8 @@ fn start_dialback(
     Ok(Running {
         echo: addr(pub_echo),
         iperf: pub_iperf,
+        web: web.map(|_| format!("http://127.0.0.1:{pub_web}/")),
+        web_prefix: web.map(|_| format!("http://127.0.0.1:{http}/~~web/")),
         procs: vec![("gateway".into(), g), ("agent".into(), a)],
     })
 }
@@ -299,17 +410,27 @@ fn rathole_keys(bin: &Path) -> Result<(String, String), String> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn start_rathole(
     bin: &Path,
     dir: &Path,
     noise: bool,
     echo: u16,
     iperf: u16,
+    web: Option<u16>,
     cmds: &mut Vec<String>,
 ) -> Result<Running, String> {
     let dir = dir.join(if noise { "rathole-noise" } else { "rathole" });
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let (ctl, pub_echo, pub_iperf) = (free_port(), free_port(), free_port());
+    let pub_web = free_port();
+    let (web_server, web_client) = match web {
+        Some(port) => (
+            format!("\n[server.services.web]\ntoken = \"bench-web-token\"\nbind_addr = \"127.0.0.1:{pub_web}\"\n"),
+            format!("\n[client.services.web]\ntoken = \"bench-web-token\"\nlocal_addr = \"127.0.0.1:{port}\"\n"),
+        ),
+        None => (String::new(), String::new()),
+    };
     let (server_transport, client_transport) = if noise {
         let (private, public) = rathole_keys(bin)?;
         cmds.push(format!("{} --genkey", bin.display()));
@@ -323,12 +444,12 @@ fn start_rathole(
     let server = format!(
         "[server]\nbind_addr = \"127.0.0.1:{ctl}\"\n\n{server_transport}\
          [server.services.echo]\ntoken = \"bench-echo-token\"\nbind_addr = \"127.0.0.1:{pub_echo}\"\n\n\
-         [server.services.iperf]\ntoken = \"bench-iperf-token\"\nbind_addr = \"127.0.0.1:{pub_iperf}\"\n"
+         [server.services.iperf]\ntoken = \"bench-iperf-token\"\nbind_addr = \"127.0.0.1:{pub_iperf}\"\n{web_server}"
     );
     let client = format!(
         "[client]\nremote_addr = \"127.0.0.1:{ctl}\"\n\n{client_transport}\
          [client.services.echo]\ntoken = \"bench-echo-token\"\nlocal_addr = \"127.0.0.1:{echo}\"\n\n\
-         [client.services.iperf]\ntoken = \"bench-iperf-token\"\nlocal_addr = \"127.0.0.1:{iperf}\"\n"
+         [client.services.iperf]\ntoken = \"bench-iperf-token\"\nlocal_addr = \"127.0.0.1:{iperf}\"\n{web_client}"
     );
     let (sp, cp) = (dir.join("server.toml"), dir.join("client.toml"));
     std::fs::write(&sp, &server).map_err(|e| e.to_string())?;
@@ -362,6 +483,8 @@ fn start_rathole(
     Ok(Running {
         echo: addr(pub_echo),
         iperf: pub_iperf,
+        web: web.map(|_| format!("http://127.0.0.1:{pub_web}/")),
+        web_prefix: None,
         procs: vec![("server".into(), s), ("client".into(), c)],
     })
 }
@@ -381,6 +504,8 @@ struct Results {
     c32: Option<ConnStats>,
     rss: Vec<RssRow>,
     held: usize,
+    http_raw: Option<WrkStats>,
+    http_prefix: Option<WrkStats>,
 }
 
 struct Plan {
@@ -428,6 +553,28 @@ async fn measure(name: &str, mut sys: Running, plan: &Plan) -> Results {
             s.ok, s.errors, s.per_sec, s.p50_us, s.p99_us
         ));
         *slot = Some(s);
+    }
+    for (which, url, slot) in [
+        ("raw TCP", sys.web.clone(), &mut r.http_raw),
+        ("/~~web", sys.web_prefix.clone(), &mut r.http_prefix),
+    ] {
+        let Some(url) = url else { continue };
+        progress(&format!(
+            "{name}: wrk -t2 -c32 -d{}s {url} ({which})",
+            plan.iperf_secs
+        ));
+        let secs = plan.iperf_secs;
+        match tokio::task::spawn_blocking(move || wrk(&url, secs)).await {
+            Ok(Ok(st)) => {
+                progress(&format!(
+                    "{name}:   {:.0} req/s, p50 {:.0} µs, p99 {:.0} µs",
+                    st.per_sec, st.p50_us, st.p99_us
+                ));
+                *slot = Some(st);
+            }
+            Ok(Err(e)) => progress(&format!("{name}: wrk failed: {e}")),
+            Err(e) => progress(&format!("{name}: wrk task failed: {e}")),
+        }
     }
     progress(&format!(
         "{name}: holding {} idle connections",
@@ -523,6 +670,27 @@ fn table(sys: &[(&str, &Results)]) -> (String, Vec<Row>) {
     num(
         "p99, concurrency 32",
         &|r| r.c32.as_ref().map(|s| s.p99_us),
+        &us,
+    );
+    let rps = |v: f64| format!("{v:.0}/s");
+    num(
+        "HTTP req/s, raw TCP port (wrk -c32)",
+        &|r| r.http_raw.as_ref().map(|s| s.per_sec),
+        &rps,
+    );
+    num(
+        "HTTP p99, raw TCP port",
+        &|r| r.http_raw.as_ref().map(|s| s.p99_us),
+        &us,
+    );
+    num(
+        "HTTP req/s, /~~web prefix (wrk -c32)",
+        &|r| r.http_prefix.as_ref().map(|s| s.per_sec),
+        &rps,
+    );
+    num(
+        "HTTP p99, /~~web prefix",
+        &|r| r.http_prefix.as_ref().map(|s| s.p99_us),
         &us,
     );
     let m = |k: f64| mb(Some(k as u64));
@@ -686,8 +854,38 @@ fn targets(rows: &[Row], rows_enc: &[Row], db: &Results) -> String {
             judge(enc.and_then(|r| ratio(r.2[1], r.2[2])), &|x| x >= 1.5),
         );
     }
+    {
+        let v = |l: &str, i: usize| find(l).and_then(|r| r.2.get(i).copied().flatten());
+        let rh_raw = v("HTTP req/s, raw TCP port (wrk -c32)", n.saturating_sub(1));
+        line(
+            "HTTP through /~~name: requests/s ≥ rathole's raw TCP forwarding",
+            judge(
+                ratio(v("HTTP req/s, /~~web prefix (wrk -c32)", 1), rh_raw),
+                &|x| x >= 1.0,
+            ),
+        );
+        line(
+            "HTTP, raw TCP service ≥1.3x rathole (requests/s)",
+            judge(
+                ratio(v("HTTP req/s, raw TCP port (wrk -c32)", 1), rh_raw),
+                &|x| x >= 1.3,
+            ),
+        );
+        let direct_p99 = v("HTTP p99, raw TCP port", 0);
+        line(
+            "HTTP p99 ≤1.5x direct (raw TCP port)",
+            judge(ratio(v("HTTP p99, raw TCP port", 1), direct_p99), &|x| {
+                x <= 1.5
+            }),
+        );
+        line(
+            "HTTP p99 ≤1.5x direct (/~~name)",
+            judge(ratio(v("HTTP p99, /~~web prefix", 1), direct_p99), &|x| {
+                x <= 1.5
+            }),
+        );
+    }
     for t in [
-        "HTTP through /~~name, raw TCP ≥1.3x rathole, p99 ≤1.5x direct",
         "10,000 concurrent tunneled connections",
         "no allocation per relayed byte",
     ] {
@@ -1007,11 +1205,48 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
     ));
     tokio::time::sleep(Duration::from_millis(300)).await;
 
+    // The web service for the HTTP rows: nginx, measured with wrk (both optional).
+    let have = |bin: &str| {
+        Command::new(bin)
+            .arg("-v")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok()
+    };
+    let web_port = free_port();
+    let nginx = if have("nginx") && have("wrk") {
+        match start_nginx(&dir, web_port) {
+            Ok(p) => {
+                cmds.push(format!(
+                    "nginx -p DIR -c nginx.conf   # 1 KiB page on 127.0.0.1:{web_port}"
+                ));
+                cmds.push(format!(
+                    "wrk -t2 -c32 -d{}s --latency http://<public address>/",
+                    plan.iperf_secs
+                ));
+                Some(p)
+            }
+            Err(e) => {
+                progress(&format!("nginx: {e}; HTTP rows skipped"));
+                None
+            }
+        }
+    } else {
+        progress("nginx or wrk not installed: HTTP rows skipped");
+        None
+    };
+    let web_port = nginx.as_ref().map(|_| web_port);
+    if web_port.is_some() {
+        wait_ready_http(addr(web_port.unwrap_or(0))).await;
+    }
     let direct = measure(
         "direct",
         Running {
             echo: addr(echo_port),
             iperf: iperf_port,
+            web: web_port.map(|p| format!("http://127.0.0.1:{p}/")),
+            web_prefix: None,
             procs: Vec::new(),
         },
         &plan,
@@ -1029,6 +1264,7 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
             false,
             echo_port,
             iperf_port,
+            web_port,
             &mut cmds,
         ) {
             Ok(sys) => measure(&name, sys, &plan).await,
@@ -1044,7 +1280,7 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
     let rh = match &rathole {
         Some(bin) => {
             progress("rathole: starting server and client");
-            match start_rathole(bin, &dir, false, echo_port, iperf_port, &mut cmds) {
+            match start_rathole(bin, &dir, false, echo_port, iperf_port, web_port, &mut cmds) {
                 Ok(sys) => measure("rathole", sys, &plan).await,
                 Err(e) => Results {
                     note: e,
@@ -1066,6 +1302,7 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
         true,
         echo_port,
         iperf_port,
+        None,
         &mut cmds,
     ) {
         Ok(sys) => measure("dialback tokio data_tls", sys, &plan).await,
@@ -1077,7 +1314,7 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
     let rh_noise = match &rathole {
         Some(bin) => {
             progress("rathole noise: starting server and client");
-            match start_rathole(bin, &dir, true, echo_port, iperf_port, &mut cmds) {
+            match start_rathole(bin, &dir, true, echo_port, iperf_port, None, &mut cmds) {
                 Ok(sys) => measure("rathole noise", sys, &plan).await,
                 Err(e) => Results {
                     note: e,
@@ -1091,6 +1328,7 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
         },
     };
     drop(iperf_srv);
+    drop(nginx);
     echo_task.abort();
 
     let mut systems: Vec<(&str, &Results)> = vec![("direct", &direct)];
