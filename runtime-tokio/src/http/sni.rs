@@ -19,30 +19,36 @@ struct SniResolver {
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let name = hello.server_name().map(str::to_ascii_lowercase);
-        let chosen = name.as_deref().and_then(|name| {
-            let exact = self
-                .certs
-                .iter()
-                .find(|(names, _)| names.iter().any(|n| n == name));
-            exact
-                .or_else(|| {
-                    self.certs
-                        .iter()
-                        .flat_map(|c| c.0.iter().map(move |n| (c, n)))
-                        .filter_map(|(c, n)| {
-                            let suffix = n.strip_prefix("*.")?;
-                            let under = name.strip_suffix(suffix)?.strip_suffix('.')?;
-                            // A wildcard covers one label, as in certificates.
-                            (!under.is_empty() && !under.contains('.')).then_some((c, suffix.len()))
-                        })
-                        .max_by_key(|(_, len)| *len)
-                        .map(|(c, _)| c)
-                })
-                .map(|(_, k)| k.clone())
-        });
-        chosen.or_else(|| self.certs.first().map(|(_, k)| k.clone()))
+        let names: Vec<&[String]> = self.certs.iter().map(|(n, _)| n.as_slice()).collect();
+        let i = choose(&names, hello.server_name())?;
+        self.certs.get(i).map(|(_, k)| k.clone())
     }
+}
+
+/// The index of the certificate for `sni` among certificates for `names`: an exact name
+/// first, then the most specific `*.domain` (one label, as in certificates), then the first.
+fn choose(names: &[&[String]], sni: Option<&str>) -> Option<usize> {
+    if names.is_empty() {
+        return None;
+    }
+    let Some(sni) = sni.map(str::to_ascii_lowercase) else {
+        return Some(0);
+    };
+    let exact = names.iter().position(|n| n.contains(&sni));
+    let wildcard = || {
+        names
+            .iter()
+            .enumerate()
+            .flat_map(|(i, n)| n.iter().map(move |n| (i, n)))
+            .filter_map(|(i, n)| {
+                let suffix = n.strip_prefix("*.")?;
+                let under = sni.strip_suffix(suffix)?.strip_suffix('.')?;
+                (!under.is_empty() && !under.contains('.')).then_some((i, suffix.len()))
+            })
+            .max_by_key(|(_, len)| *len)
+            .map(|(i, _)| i)
+    };
+    Some(exact.or_else(wildcard).unwrap_or(0))
 }
 
 pub(super) fn server_config(certs: &[HttpCert]) -> Result<Arc<rustls::ServerConfig>, GatewayError> {
@@ -72,4 +78,32 @@ pub(super) fn server_config(certs: &[HttpCert]) -> Result<Arc<rustls::ServerConf
         .with_cert_resolver(Arc::new(SniResolver { certs: loaded }));
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::choose;
+
+    #[test]
+    fn exact_then_most_specific_wildcard_then_the_first() {
+        let owned: Vec<Vec<String>> = [
+            vec![],
+            vec!["one.test"],
+            vec!["*.example.com"],
+            vec!["*.apps.example.com", "two.test"],
+        ]
+        .iter()
+        .map(|v| v.iter().map(|s| s.to_string()).collect())
+        .collect();
+        let names: Vec<&[String]> = owned.iter().map(Vec::as_slice).collect();
+        assert_eq!(choose(&names, Some("ONE.test")), Some(1));
+        assert_eq!(choose(&names, Some("two.test")), Some(3));
+        assert_eq!(choose(&names, Some("a.example.com")), Some(2));
+        assert_eq!(choose(&names, Some("x.apps.example.com")), Some(3));
+        // One label only, as in certificates.
+        assert_eq!(choose(&names, Some("a.b.example.com")), Some(0));
+        assert_eq!(choose(&names, Some("example.com")), Some(0));
+        assert_eq!(choose(&names, None), Some(0));
+        assert_eq!(choose(&[], Some("one.test")), None);
+    }
 }
