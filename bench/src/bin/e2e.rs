@@ -115,10 +115,20 @@ fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-fn rss_kb(pid: u32) -> Option<u64> {
+fn status_kb(pid: u32, key: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn rss_kb(pid: u32) -> Option<u64> {
+    status_kb(pid, "VmRSS:")
+}
+
+/// Private memory: resident anonymous pages (heap, stacks), without the binary's and the
+/// shared libraries' file pages that every process of the same program shares.
+fn anon_kb(pid: u32) -> Option<u64> {
+    status_kb(pid, "RssAnon:")
 }
 
 fn first_line(cmd: &mut Command) -> String {
@@ -503,6 +513,8 @@ struct Results {
     c1: Option<ConnStats>,
     c32: Option<ConnStats>,
     rss: Vec<RssRow>,
+    /// Like `rss`, private (anonymous) memory only.
+    anon: Vec<RssRow>,
     held: usize,
     http_raw: Option<WrkStats>,
     http_prefix: Option<WrkStats>,
@@ -528,6 +540,7 @@ async fn measure(name: &str, mut sys: Running, plan: &Plan) -> Results {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let idle: Vec<Option<u64>> = sys.procs.iter().map(|(_, p)| rss_kb(p.pid())).collect();
+    let idle_anon: Vec<Option<u64>> = sys.procs.iter().map(|(_, p)| anon_kb(p.pid())).collect();
 
     for (streams, slot) in [(1u32, &mut r.tput1), (4, &mut r.tput4)] {
         progress(&format!(
@@ -587,14 +600,18 @@ async fn measure(name: &str, mut sys: Running, plan: &Plan) -> Results {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let holding: Vec<Option<u64>> = sys.procs.iter().map(|(_, p)| rss_kb(p.pid())).collect();
+    let holding_anon: Vec<Option<u64>> = sys.procs.iter().map(|(_, p)| anon_kb(p.pid())).collect();
     drop(held);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after: Vec<Option<u64>> = sys.procs.iter().map(|(_, p)| rss_kb(p.pid())).collect();
+    let after_anon: Vec<Option<u64>> = sys.procs.iter().map(|(_, p)| anon_kb(p.pid())).collect();
     for (i, (role, p)) in sys.procs.iter_mut().enumerate() {
         if !p.alive() {
             r.note.push_str(&format!("{role} exited during the run; "));
         }
         r.rss.push((role.clone(), idle[i], holding[i], after[i]));
+        r.anon
+            .push((role.clone(), idle_anon[i], holding_anon[i], after_anon[i]));
     }
     progress(&format!("{name}: done; stopping its processes"));
     drop(sys);
@@ -698,15 +715,17 @@ fn table(sys: &[(&str, &Results)]) -> (String, Vec<Row>) {
         (0usize, "gateway (rathole server)"),
         (1, "agent (rathole client)"),
     ] {
-        for (what, pick) in [
-            ("RSS idle", 1usize),
-            ("RSS holding idle conns", 2),
-            ("RSS after closing", 3),
+        for (what, pick, private) in [
+            ("RSS idle", 1usize, false),
+            ("RSS holding idle conns", 2, false),
+            ("RSS after closing", 3, false),
+            ("private memory idle", 1, true),
+            ("private memory holding idle conns", 2, true),
         ] {
             num(
                 &format!("{what}, {side}"),
                 &|r| {
-                    r.rss
+                    if private { &r.anon } else { &r.rss }
                         .get(idx)
                         .and_then(|x| match pick {
                             1 => x.1,
@@ -834,6 +853,14 @@ fn targets(rows: &[Row], rows_enc: &[Row], db: &Results) -> String {
                 db.held
             ),
             j(rss.and_then(|x| x.2), 12.0),
+        );
+        let anon = db.anon.get(i);
+        line(
+            &format!(
+                "memory ≤4 MB idle, dialback {side}, private memory only (RSS minus the \
+                 binary's and libraries' shared file pages)"
+            ),
+            j(anon.and_then(|x| x.1), 4.0),
         );
     }
     for l in [
@@ -1404,7 +1431,9 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
          echoed bytes.\n\
          - memory: VmRSS from /proc/PID/status at idle (after one round trip), while holding \
          {} idle connections (each with one completed round trip), and 1 s after closing \
-         them.\n\
+         them; also RssAnon, the private memory (heap, stacks): VmRSS adds the file pages of the \
+         binary and the shared libraries it touched, which every process of the program \
+         shares.\n\
          - dialback uses the plain (non-TLS) data channel (`data_tls = false`) and the default \
          pool of 4 ready data connections, RUST_LOG=warn; `dialback tokio` and `dialback uring` \
          differ only in `--runtime`. rathole uses its tcp transport, RUST_LOG=warn.\n\
