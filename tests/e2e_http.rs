@@ -965,7 +965,8 @@ fn https_serves_two_names_with_their_own_certificates() {
             Svc { name: "alpha", local: alpha.addr, gateway_keys: "" },
             // Host routing: every path of two.test goes to beta, untouched.
             Svc { name: "beta", local: beta.addr, gateway_keys: "hosts = [\"two.test\"]" },
-            Svc { name: "ws", local: ws.addr, gateway_keys: "" },
+            // TLS on both sides of the gateway once the WebSocket is upgraded.
+            Svc { name: "ws", local: ws.addr, gateway_keys: "data_tls = true" },
         ],
         &[],
     );
