@@ -595,16 +595,6 @@ async fn agent_conn(
     } else {
         via
     };
-    // An address that keeps failing to authenticate waits longer and longer before it is
-    // served; this costs it time, not the gateway (the slot it holds is its own).
-    let delay = shared
-        .lock()
-        .core
-        .admission_delay(Instant::now(), peer.ip());
-    if !delay.is_zero() {
-        info!(%peer, "connection on agent port held for {delay:?} after failed authentications from this address");
-        tokio::time::sleep(delay).await;
-    }
     let opened = tokio::time::timeout(timeout, async {
         let mut first = [0u8; 1];
         let n = tcp
@@ -629,7 +619,6 @@ async fn agent_conn(
         Ok((stream, class, rest))
     })
     .await;
-    drop(slot);
     let (stream, class, rest) = match opened {
         Ok(Ok(v)) => v,
         Ok(Err((label, reason))) => {
@@ -643,6 +632,21 @@ async fn agent_conn(
             return;
         }
     };
+    if let Classified::Control = class {
+        // An address that keeps failing to authenticate waits longer and longer before its
+        // hello is looked at; it keeps its handshake slot meanwhile, so a flood of them stays
+        // within max_handshakes. Data connections (tokens, not passwords) never wait.
+        let delay = shared
+            .lock()
+            .core
+            .admission_delay(Instant::now(), peer.ip());
+        if !delay.is_zero() {
+            let delay_ms = delay.as_millis() as u64;
+            info!(%peer, delay_ms, "control connection held for {delay:?} after failed authentications from this address");
+            tokio::time::sleep(delay).await;
+        }
+    }
+    drop(slot);
     match class {
         Classified::Control => control_conn(shared, stream, peer, rest).await,
         Classified::Data(hello) => data_conn(shared, stream, peer, hello, rest).await,
