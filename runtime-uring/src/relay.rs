@@ -27,8 +27,8 @@ pub(crate) async fn run_job(job: Job) {
 }
 
 async fn relay(a: RawFd, b: RawFd, progress: &crate::Progress) -> io::Result<(u64, u64)> {
-    let mut ab = Pipe::take()?;
-    let mut ba = Pipe::take()?;
+    let mut ab = None;
+    let mut ba = None;
     let r = TryJoin {
         a: Some(Box::pin(one_way(a, b, &mut ab, &progress.ab))),
         b: Some(Box::pin(one_way(b, a, &mut ba, &progress.ba))),
@@ -37,15 +37,26 @@ async fn relay(a: RawFd, b: RawFd, progress: &crate::Progress) -> io::Result<(u6
     }
     .await;
     // After an error a pipe may hold bytes of this connection: `recycle` closes those.
-    recycle(ab);
-    recycle(ba);
+    for p in [ab, ba].into_iter().flatten() {
+        recycle(p);
+    }
     r
 }
 
-async fn one_way(from: RawFd, to: RawFd, pipe: &mut Pipe, moved: &AtomicU64) -> io::Result<u64> {
+/// Like the tokio path: the pipe is held only while bytes move, so an idle relay holds none.
+async fn one_way(
+    from: RawFd,
+    to: RawFd,
+    slot: &mut Option<Pipe>,
+    moved: &AtomicU64,
+) -> io::Result<u64> {
     let mut total = 0u64;
     let mut eof = false;
     loop {
+        let pipe = match slot {
+            Some(p) => p,
+            None => slot.insert(Pipe::take()?),
+        };
         let mut progress = false;
         if !eof {
             match splice(from, pipe.write_fd(), CHUNK) {
@@ -82,6 +93,9 @@ async fn one_way(from: RawFd, to: RawFd, pipe: &mut Pipe, moved: &AtomicU64) -> 
         if pipe.pending > 0 {
             readiness(to, POLLOUT).await?;
         } else {
+            if let Some(p) = slot.take() {
+                recycle(p);
+            }
             readiness(from, POLLIN).await?;
         }
     }
