@@ -83,7 +83,8 @@ impl Drop for Parked {
 
 /// A public client waiting for its data connection.
 struct Waiting {
-    tx: oneshot::Sender<DataConn>,
+    /// The data connection, or the code the core failed the client with.
+    tx: oneshot::Sender<Result<DataConn, ErrorCode>>,
     service: String,
     since: Instant,
 }
@@ -154,12 +155,13 @@ impl Shared {
                     code,
                     reason,
                 } => {
-                    // Dropping the sender wakes the client task, which closes the client.
+                    // Wakes the client task, which closes the client (or answers an HTTP status).
                     if let Some(w) = inner.clients.remove(&client) {
                         if let Some(m) = self.metrics.service(&w.service) {
                             m.client_failed(code.name());
                         }
                         info!(client = client.0, service = %w.service, code = %code, "closing client: {reason}");
+                        let _ = w.tx.send(Err(code));
                     }
                 }
                 GatewayOutput::Event(e) => self.record_event(inner, e),
@@ -791,7 +793,7 @@ async fn data_conn(
         m.pairing_latency(waiting.since.elapsed());
     }
     debug!(%peer, service = %paired.service, request = paired.request_id, "data connection paired");
-    let _ = waiting.tx.send(DataConn { stream, early });
+    let _ = waiting.tx.send(Ok(DataConn { stream, early }));
 }
 
 /// Parks a pooled data connection in the shared map and starts its watcher. Anything the agent
@@ -962,10 +964,11 @@ pub(crate) enum OpenError {
     /// overloaded).
     #[error(transparent)]
     Refused(#[from] ClientReject),
-    /// The core gave up on the client (token expired, agent reported a failure, session
-    /// ended); the reason was logged when it happened.
-    #[error("the agent did not provide a data connection")]
-    Failed,
+    /// The core gave up on the client with this code (TOKEN_EXPIRED: the agent did not dial
+    /// back in time; LOCAL_UNREACHABLE, SESSION_GONE, …); the reason was logged when it
+    /// happened. `None` when no code is known.
+    #[error("the agent did not provide a data connection ({})", .0.map_or("unknown reason", |c| c.name()))]
+    Failed(Option<ErrorCode>),
     /// No answer from the core within the safety-net timeout.
     #[error("no data connection within {0:?}")]
     Timeout(Duration),
@@ -1050,7 +1053,7 @@ pub(crate) async fn open_data(
         }
     }
     warn!(%peer, %service, "client dropped: no usable pooled data connection");
-    Err(OpenError::Failed)
+    Err(OpenError::Failed(None))
 }
 
 /// Checks that a pooled connection taken from the pool is still quiet, then writes DATA_BIND
@@ -1086,13 +1089,15 @@ async fn await_dialback(
     service: &str,
     peer: SocketAddr,
     id: ClientId,
-    rx: oneshot::Receiver<DataConn>,
+    rx: oneshot::Receiver<Result<DataConn, ErrorCode>>,
 ) -> Result<DataConn, OpenError> {
     // The core fails the client when its token expires; the outer timeout is a safety net.
     let guard = shared.token_ttl + Duration::from_secs(5);
     match tokio::time::timeout(guard, rx).await {
-        Ok(Ok(d)) => Ok(d),
-        Ok(Err(_)) => Err(OpenError::Failed), // failed by the core; the reason was logged there
+        Ok(Ok(Ok(d))) => Ok(d),
+        // Failed by the core; the reason was logged there.
+        Ok(Ok(Err(code))) => Err(OpenError::Failed(Some(code))),
+        Ok(Err(_)) => Err(OpenError::Failed(None)),
         Err(_) => {
             let mut inner = shared.lock();
             inner.core.handle_client_gone(Instant::now(), id);

@@ -18,6 +18,7 @@ use dialback_core::http::head::{Limits, RequestHead, RequestReader};
 use dialback_core::http::rewrite::{request_head, Forwarding};
 use dialback_core::http::route::{Route, Router, ServiceRoute};
 use dialback_core::http::{error_response, HttpError};
+use dialback_core::ErrorCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -541,16 +542,28 @@ impl Conn {
                     OpenError::Refused(ClientReject::Overloaded { .. }) => {
                         (503, format!("service {service} is overloaded: {e}"))
                     }
-                    OpenError::Failed if started.elapsed() >= self.front.token_ttl => (
+                    OpenError::Failed(Some(ErrorCode::TokenExpired)) => (
                         504,
                         format!(
                             "no data connection from the agent of service {service} within {:?}",
                             self.front.token_ttl
                         ),
                     ),
-                    OpenError::Failed => (
+                    // Without a code (a pooled connection that failed at bind, say), the time
+                    // taken tells a slow agent from a failing one.
+                    OpenError::Failed(None) if started.elapsed() >= self.front.token_ttl => (
+                        504,
+                        format!(
+                            "no data connection from the agent of service {service} within {:?}",
+                            self.front.token_ttl
+                        ),
+                    ),
+                    OpenError::Failed(code) => (
                         502,
-                        format!("the agent of service {service} could not open a connection"),
+                        format!(
+                            "the agent of service {service} could not open a connection ({})",
+                            code.map_or("unknown reason", |c| c.name())
+                        ),
                     ),
                     OpenError::Timeout(d) => (
                         504,
