@@ -20,13 +20,14 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 /// The vector files some test checks; a new vector file must get a test before it is listed.
-/// (`ntlm.json` is checked by `ntlm_vectors.rs`.)
+/// (`ntlm.json` is checked by `ntlm_vectors.rs`, `proxy_protocol.json` by `proxy_vectors.rs`.)
 const FILES: &[&str] = &[
     "frames.json",
     "keys.json",
     "ntlm.json",
     "preamble.json",
     "proofs.json",
+    "proxy_protocol.json",
     "tokens.json",
 ];
 
