@@ -2,6 +2,8 @@
 //! logs, and provides echo services and clients. Every wait is bounded.
 #![allow(dead_code)]
 
+pub mod procstat;
+pub mod relay;
 pub mod squid;
 pub mod test_agent;
 
@@ -34,6 +36,11 @@ pub fn test_runtime() -> &'static str {
 
 impl Proc {
     pub fn start(name: &str, args: &[&str]) -> Proc {
+        Proc::start_logging(name, args, "info,dialback_tokio=debug")
+    }
+
+    /// As `start`, with `RUST_LOG` set to `rust_log` (a soak keeps per-connection lines out).
+    pub fn start_logging(name: &str, args: &[&str], rust_log: &str) -> Proc {
         let serves = matches!(args.first(), Some(&"gateway" | &"agent"));
         let runtime: &[&str] = if serves {
             &["--runtime", test_runtime()]
@@ -44,7 +51,7 @@ impl Proc {
             .args(["--log-format", "json"])
             .args(args)
             .args(runtime)
-            .env("RUST_LOG", "info,dialback_tokio=debug")
+            .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
