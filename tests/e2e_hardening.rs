@@ -350,3 +350,39 @@ fn sigterm_stops_accepting_drains_then_exits() {
     });
     assert_eq!(gw.proc.wait_exit(WAIT), Some(0));
 }
+
+#[test]
+fn sigterm_on_the_agent_ends_its_sessions_and_lets_relays_finish() {
+    let dir = Dir::new();
+    let gw = gateway(&dir, "", "");
+    let mut agent = agent(&dir, &gw, "agent.toml", PW, "");
+    gw.wait_registered("web", 1);
+    let public = gw.service_addr("web");
+    wait_echo_works(public, WAIT);
+
+    let mut client = TcpStream::connect(public).unwrap();
+    client.set_read_timeout(Some(WAIT)).unwrap();
+    let echo = |c: &mut TcpStream, msg: &[u8]| {
+        c.write_all(msg).unwrap();
+        let mut back = vec![0u8; msg.len()];
+        c.read_exact(&mut back).unwrap();
+        assert_eq!(back, msg);
+    };
+    echo(&mut client, b"before");
+    agent.signal("TERM");
+    agent.wait_for("agent drain start", WAIT, |l| {
+        message_contains(l, "shutting down: control connections closed")
+    });
+    // The gateway sees the agent go at once and sends it no new clients...
+    gw.proc.wait_for("session ended", WAIT, |l| {
+        message_contains(l, "agent session ended")
+    });
+    // ...while the relay in progress keeps working.
+    echo(&mut client, b"during the drain");
+    client.shutdown(Shutdown::Write).unwrap();
+    read_until_closed(&mut client, WAIT);
+    agent.wait_for("agent drained", WAIT, |l| {
+        message_is(l, "drained: every relay finished")
+    });
+    assert_eq!(agent.wait_exit(WAIT), Some(0));
+}

@@ -79,9 +79,16 @@ struct Ctx {
     timing: Timing,
     proxies: Vec<dialback_core::connect_chain::ProxyHop>,
     metrics: Arc<AgentMetrics>,
+    /// Relays in progress; shutdown waits for them.
+    drain: Arc<crate::drain::Drain>,
 }
 
-/// Runs every configured service until `shutdown` completes.
+/// On shutdown, how long relays in progress may take to finish.
+pub const AGENT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs every configured service until `shutdown` completes. Then the control connections
+/// close (the gateway stops sending clients) and relays in progress get
+/// [`AGENT_DRAIN_TIMEOUT`] to finish.
 pub async fn run(
     settings: AgentSettings,
     shutdown: impl Future<Output = ()>,
@@ -130,6 +137,7 @@ pub async fn run_with_metrics(
         },
         proxies: settings.proxies.clone(),
         metrics: metrics.clone(),
+        drain: Arc::new(crate::drain::Drain::default()),
     });
     if !settings.proxies.is_empty() {
         info!(
@@ -166,8 +174,16 @@ pub async fn run_with_metrics(
         });
     }
     shutdown.await;
-    info!("shutting down");
     tasks.abort_all();
+    let active = ctx.drain.active();
+    info!(active, "shutting down: control connections closed; waiting up to {AGENT_DRAIN_TIMEOUT:?} for {active} relays to finish");
+    match tokio::time::timeout(AGENT_DRAIN_TIMEOUT, ctx.drain.idle()).await {
+        Ok(()) => info!("drained: every relay finished"),
+        Err(_) => warn!(
+            remaining = ctx.drain.active(),
+            "drain timeout passed: closing the remaining relays"
+        ),
+    }
     Ok(())
 }
 
@@ -490,6 +506,7 @@ async fn data_task(
         }
     };
     debug!(%service, %client, pooled = req.pooled, "relaying");
+    let _relaying = ctx.drain.guard();
     let Some(svc) = svc else { return };
     let conn = svc.data_connection_opened();
     // Local service -> gateway is the "down" direction, towards the public client.
