@@ -5,7 +5,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use dialback_bench::{client_cycle, gateway_with_pending};
+use dialback_bench::{client_cycle, gateway_with_pending, pooled_cycle, registered_pooled_pair};
 use dialback_core::gateway::ClientId;
 
 fn token(c: &mut Criterion) {
@@ -24,6 +24,16 @@ fn token(c: &mut Criterion) {
         });
         assert_eq!(g.pending_clients(), pending - 1, "steady state");
     }
+    // The same client served from a pool of 4: bind, refill PREPARE, park the new connection.
+    let (mut g, mut agent) = registered_pooled_pair(4);
+    let mut next = 0u64;
+    group.bench_function("pooled_cycle", |b| {
+        b.iter(|| {
+            next += 1;
+            assert!(pooled_cycle(&mut g, &mut agent, black_box(ClientId(next))));
+        })
+    });
+    assert_eq!(g.pooled(dialback_bench::SERVICE), 4, "steady state");
     group.finish();
 }
 

@@ -16,7 +16,8 @@ use dialback_core::agent::{AgentControl, AgentEvent};
 use dialback_core::connect_chain::{ChainEvent, ConnectChain, HopAuth, ProxyHop};
 use dialback_core::crypto::PasswordKey;
 use dialback_core::gateway::{
-    ClientId, ConnId, Gateway, GatewayConfig, GatewayOutput, ServiceConfig,
+    ClientId, ClientRoute, ConnId, DataOutcome, Gateway, GatewayConfig, GatewayOutput,
+    ServiceConfig,
 };
 use dialback_core::ntlm::NtlmCredentials;
 use dialback_core::wire::{Connect, Hello, Message, PREAMBLE_LEN};
@@ -75,6 +76,7 @@ pub fn gateway_config(max_pending: usize) -> GatewayConfig {
             pool_max_idle: std::time::Duration::from_secs(50),
             allow_from: Default::default(),
             clients_allow: Default::default(),
+            send_proxy: None,
         }],
     }
 }
@@ -158,6 +160,58 @@ pub fn client_cycle(g: &mut Gateway, agent: &mut AgentControl, client: ClientId)
         }
     }
     paired
+}
+
+/// A registered gateway and agent whose pool of `pool` data connections is full.
+pub fn registered_pooled_pair(pool: usize) -> (Gateway, AgentControl) {
+    let now = t0();
+    let mut cfg = gateway_config(64);
+    cfg.services[0].pool = pool;
+    let mut g = Gateway::new(cfg, GATEWAY_SEED);
+    g.handle_control_open(now, AGENT_CONN, agent_peer(), EXPORTER);
+    g.handle_control_input(now, AGENT_CONN, &hello_frame());
+    let out = drain_gateway(&mut g);
+    let mut agent = new_agent(now);
+    let _ = agent.poll_transmit();
+    agent.handle_input(now, &out);
+    while let Some(ev) = agent.poll_event() {
+        if let AgentEvent::Connect(req) = ev {
+            let parked = matches!(
+                g.handle_data_hello(now, &req.hello, false),
+                Ok(DataOutcome::Parked { .. })
+            );
+            assert!(parked, "a PREPARE's connection parks");
+        }
+    }
+    assert_eq!(g.pooled(SERVICE), pool, "pool full");
+    let _ = drain_gateway(&mut g);
+    (g, agent)
+}
+
+/// One client served from the pool, in steady state: the client is bound to a parked
+/// connection (DATA_BIND built), the gateway sends a PREPARE to refill, the agent turns it
+/// into a DATA_HELLO, the gateway verifies the token and parks the new connection. Returns
+/// whether the client was bound without a CONNECT.
+pub fn pooled_cycle(g: &mut Gateway, agent: &mut AgentControl, client: ClientId) -> bool {
+    let now = t0();
+    let Ok(ClientRoute::Pooled { bind, .. }) =
+        g.handle_client(now, client, SERVICE, Some(client_v6()), Some(public_v4()))
+    else {
+        return false;
+    };
+    std::hint::black_box(bind);
+    let prepare = drain_gateway(g);
+    agent.handle_input(now, &prepare);
+    let mut parked = false;
+    while let Some(ev) = agent.poll_event() {
+        if let AgentEvent::Connect(req) = ev {
+            parked |= matches!(
+                g.handle_data_hello(now, &req.hello, false),
+                Ok(DataOutcome::Parked { .. })
+            );
+        }
+    }
+    parked
 }
 
 /// A registered gateway (and its agent) with `background` clients already waiting for their
