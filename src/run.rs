@@ -110,6 +110,7 @@ async fn demo_async(opts: DemoOptions) -> anyhow::Result<()> {
             allow_from: Default::default(),
             clients_allow: Default::default(),
             accept_proxy: false,
+            send_proxy: None,
         }],
         admin_listen: Some(SocketAddr::from((loopback, 0))),
         http: None,

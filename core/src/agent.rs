@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::crypto::{ct_eq, PasswordKey, SessionKeys};
 use crate::error::ErrorCode;
+use crate::proxy_protocol::Version;
 use crate::timing::Timing;
 use crate::wire::{
     encode_preamble, ConnKind, ConnectFailed, DataHello, ErrorFrame, FrameDecoder, Hello, Message,
@@ -54,6 +55,9 @@ pub struct ConnectRequest {
     pub hello: DataHello,
     /// Whether the data connection must be under TLS.
     pub data_tls: bool,
+    /// The PROXY header the gateway asks for toward the local service (its service's
+    /// `send_proxy`), if any.
+    pub send_proxy: Option<Version>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +81,7 @@ enum State {
     Registered {
         session_id: u64,
         data_tls: bool,
+        send_proxy: Option<Version>,
         heartbeat: Duration,
         dead_after: Duration,
     },
@@ -288,6 +293,7 @@ impl AgentControl {
                 State::Registered {
                     session_id,
                     data_tls,
+                    send_proxy,
                     ..
                 },
                 Message::Connect(c),
@@ -305,6 +311,7 @@ impl AgentControl {
                     public: c.public,
                     hello,
                     data_tls: *data_tls,
+                    send_proxy: *send_proxy,
                 };
                 self.events.push_back(AgentEvent::Connect(req));
             }
@@ -312,6 +319,7 @@ impl AgentControl {
                 State::Registered {
                     session_id,
                     data_tls,
+                    send_proxy,
                     ..
                 },
                 Message::Prepare(p),
@@ -329,6 +337,7 @@ impl AgentControl {
                     public: None,
                     hello,
                     data_tls: *data_tls,
+                    send_proxy: *send_proxy,
                 };
                 self.events.push_back(AgentEvent::Connect(req));
             }
@@ -368,9 +377,17 @@ impl AgentControl {
         let heartbeat = Duration::from_millis(u64::from(w.heartbeat_ms));
         let dead_after = Duration::from_millis(u64::from(w.dead_after_ms));
         let data_tls = w.flags & Welcome::FLAG_DATA_TLS != 0;
+        let send_proxy = if w.flags & Welcome::FLAG_SEND_PROXY_V2 != 0 {
+            Some(Version::V2)
+        } else if w.flags & Welcome::FLAG_SEND_PROXY_V1 != 0 {
+            Some(Version::V1)
+        } else {
+            None
+        };
         self.state = State::Registered {
             session_id: w.session_id,
             data_tls,
+            send_proxy,
             heartbeat,
             dead_after,
         };

@@ -47,6 +47,9 @@ pub struct ServiceConfig {
     pub allow_from: AllowList,
     /// Who may be a public client of this service.
     pub clients_allow: AllowList,
+    /// The PROXY header the agent is asked to send toward its local service (announced in
+    /// WELCOME).
+    pub send_proxy: Option<crate::proxy_protocol::Version>,
 }
 
 /// Longest wait before refilling a pool whose connections keep failing.
@@ -938,6 +941,7 @@ impl Gateway {
             .services
             .get(&h.service)
             .map(|s| (s.cfg.password_key.clone(), s.cfg.data_tls, s.session));
+        let send_proxy = self.services.get(&h.service).and_then(|s| s.cfg.send_proxy);
         let pool_cfg = self
             .services
             .get(&h.service)
@@ -1015,7 +1019,12 @@ impl Gateway {
             session_id,
             heartbeat_ms: u32::try_from(timing.heartbeat.as_millis()).unwrap_or(u32::MAX),
             dead_after_ms: u32::try_from(timing.dead_after.as_millis()).unwrap_or(u32::MAX),
-            flags: if data_tls { Welcome::FLAG_DATA_TLS } else { 0 },
+            flags: (if data_tls { Welcome::FLAG_DATA_TLS } else { 0 })
+                | match send_proxy {
+                    None => 0,
+                    Some(crate::proxy_protocol::Version::V1) => Welcome::FLAG_SEND_PROXY_V1,
+                    Some(crate::proxy_protocol::Version::V2) => Welcome::FLAG_SEND_PROXY_V2,
+                },
         };
         if let Some(s) = self.services.get_mut(&h.service) {
             s.session = Some(conn);

@@ -119,6 +119,10 @@ pub struct Welcome {
 
 impl Welcome {
     pub const FLAG_DATA_TLS: u8 = 0x01;
+    /// The agent starts every connection to its local service with a PROXY v1 header.
+    pub const FLAG_SEND_PROXY_V1: u8 = 0x02;
+    /// The same with a v2 header (wins over v1 if both are set).
+    pub const FLAG_SEND_PROXY_V2: u8 = 0x04;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

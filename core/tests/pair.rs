@@ -68,6 +68,7 @@ fn service(name: &str, key: PasswordKey, data_tls: bool) -> ServiceConfig {
         pool_max_idle: Duration::from_secs(60),
         allow_from: Default::default(),
         clients_allow: Default::default(),
+        send_proxy: None,
     }
 }
 
@@ -2923,4 +2924,24 @@ fn failed_authentications_delay_the_address_more_and_more() {
         Duration::ZERO
     );
     let _ = p.registered_agent([99; 32]);
+}
+
+#[test]
+fn send_proxy_is_announced_in_welcome_and_reaches_every_request() {
+    use dialback_core::proxy_protocol::Version;
+    for want in [None, Some(Version::V1), Some(Version::V2)] {
+        let mut svc = service(SERVICE, password_key(), false);
+        svc.send_proxy = want;
+        svc.pool = 1;
+        let mut p = Pair::new(vec![svc], [42; 32], Link::new(5, &[1, 7, 3, 64, 19]));
+        let (a, _) = p.registered_agent([1; 32]);
+        p.client(1, SERVICE).unwrap();
+        p.settle();
+        let reqs = p.connects(a);
+        assert!(reqs.iter().any(|r| r.pooled), "{want:?}: no PREPARE");
+        assert!(
+            reqs.iter().all(|r| r.send_proxy == want),
+            "{want:?}: {reqs:?}"
+        );
+    }
 }

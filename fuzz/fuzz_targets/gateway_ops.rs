@@ -232,6 +232,7 @@ fuzz_target!(|ops: Vec<Op>| {
             pool_max_idle: Duration::from_secs(50),
             allow_from: Default::default(),
             clients_allow: Default::default(),
+            send_proxy: None,
         },
         ServiceConfig {
             name: "secure".into(),
@@ -242,6 +243,7 @@ fuzz_target!(|ops: Vec<Op>| {
             pool_max_idle: Duration::from_secs(50),
             allow_from: Default::default(),
             clients_allow: Default::default(),
+            send_proxy: None,
         },
     ];
     let gw = Gateway::new(GatewayConfig { timing, services }, [9; 32]);

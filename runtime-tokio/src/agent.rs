@@ -488,8 +488,9 @@ async fn data_task(
             }
         };
     let _ = local_conn.set_nodelay(true);
-    // The header goes out in the same write as the first client bytes, ahead of them.
-    let early = match send_proxy {
+    // The header goes out in the same write as the first client bytes, ahead of them. The
+    // agent's own setting wins over the gateway's.
+    let early = match send_proxy.or(req.send_proxy) {
         None => early,
         Some(version) => {
             let (src, dst) = origin;

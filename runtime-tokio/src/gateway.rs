@@ -284,6 +284,7 @@ impl BoundGateway {
                     pool_max_idle: s.pool_max_idle,
                     allow_from: s.allow_from,
                     clients_allow: s.clients_allow,
+                    send_proxy: s.send_proxy,
                 })
                 .collect::<Vec<_>>()
         })

@@ -111,6 +111,8 @@ pub struct GatewayService {
     pub clients_allow: dialback_core::acl::AllowList,
     /// Connections on `tcp_listen` start with a PROXY protocol header from a front balancer.
     pub accept_proxy: bool,
+    /// Ask the agent to send a PROXY header toward its local service.
+    pub send_proxy: Option<dialback_core::proxy_protocol::Version>,
 }
 
 /// How the agent decides that it talks to the real gateway.
@@ -152,7 +154,8 @@ pub struct AgentService {
     pub password: Secret,
     /// `host:port` of the private service this agent publishes.
     pub local: String,
-    /// Prepend a PROXY protocol header with the public client's address toward `local`.
+    /// Prepend a PROXY protocol header with the public client's address toward `local`; when
+    /// `None`, whatever the gateway asks for its service.
     pub send_proxy: Option<dialback_core::proxy_protocol::Version>,
 }
 

@@ -62,6 +62,7 @@ struct RawService {
     clients_allow: Option<super::access::RawRules>,
     #[serde(default)]
     accept_proxy: bool,
+    send_proxy: Option<Spanned<String>>,
 }
 
 pub fn parse(
@@ -489,6 +490,13 @@ fn services(
             service.clients_allow.as_ref(),
             problems,
         );
+        let send_proxy = super::access::send_proxy(
+            src,
+            &format!("{path}.send_proxy"),
+            service.send_proxy.as_ref(),
+        )
+        .map_err(|e| problems.push(e))
+        .unwrap_or(None);
         if let Some(password) = password.filter(|_| tcp_listen.is_some() || http_enabled) {
             if problems.len() == before {
                 services.push(GatewayService {
@@ -502,6 +510,7 @@ fn services(
                     allow_from,
                     clients_allow,
                     accept_proxy: service.accept_proxy,
+                    send_proxy,
                 });
             }
         }

@@ -83,6 +83,15 @@ fn bad_rules_name_line_key_and_rule() {
 }
 
 #[test]
+fn send_proxy_on_the_gateway() {
+    assert_eq!(gw(SERVICE).unwrap().services[0].send_proxy, None);
+    let s = gw(&format!("{SERVICE}send_proxy = \"v2\"\n")).unwrap();
+    assert_eq!(s.services[0].send_proxy, Some(Version::V2));
+    let e = gw(&format!("{SERVICE}send_proxy = \"yes\"\n")).unwrap_err();
+    assert_eq!((e.line(), e.key()), (Some(4), Some("services.web.send_proxy")));
+}
+
+#[test]
 fn send_proxy_on_the_agent() {
     let base = "gateway = \"gw.example.com:7000\"\ninsecure = true\n[services.web]\npassword = \"correct horse battery\"\nlocal = \"127.0.0.1:8080\"\n";
     assert_eq!(ag(base).unwrap().services[0].send_proxy, None);
