@@ -112,8 +112,9 @@ pub(crate) struct Shared {
     accept_proxy: bool,
     /// Connections in their handshake (agent port, or a client's PROXY header).
     handshakes: Arc<tokio::sync::Semaphore>,
-    /// Set while connections are being refused for lack of handshake slots, to warn once.
-    saturated: std::sync::atomic::AtomicBool,
+    /// When connections refused for lack of handshake slots were last warned about, and how
+    /// many were refused since: one warning per interval, not one per connection.
+    saturated: Mutex<(Option<Instant>, u64)>,
     /// Public clients being served; shutdown waits for them.
     pub(crate) drain: Arc<crate::drain::Drain>,
     drain_timeout: Duration,
@@ -342,7 +343,7 @@ impl BoundGateway {
             metrics,
             accept_proxy: settings.accept_proxy,
             handshakes: Arc::new(tokio::sync::Semaphore::new(settings.max_handshakes)),
-            saturated: std::sync::atomic::AtomicBool::new(false),
+            saturated: Mutex::new((None, 0)),
             drain: Arc::new(crate::drain::Drain::default()),
             drain_timeout: settings.drain_timeout,
         });
@@ -493,17 +494,21 @@ fn handshake_slot(
     peer: SocketAddr,
     on: &str,
 ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    const WARN_EVERY: Duration = Duration::from_secs(10);
     match shared.handshakes.clone().try_acquire_owned() {
-        Ok(slot) => {
-            if shared.saturated.swap(false, Ordering::Relaxed) {
-                info!("handshake slots available again");
-            }
-            Some(slot)
-        }
+        Ok(slot) => Some(slot),
         Err(_) => {
             shared.metrics.handshake_dropped("overloaded");
-            if !shared.saturated.swap(true, Ordering::Relaxed) {
-                warn!(%peer, "every handshake slot is taken (max_handshakes): closing new connections on the {on} until one frees up");
+            let mut s = shared
+                .saturated
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            s.1 += 1;
+            let now = Instant::now();
+            if s.0.is_none_or(|t| now.duration_since(t) >= WARN_EVERY) {
+                let refused = std::mem::take(&mut s.1);
+                s.0 = Some(now);
+                warn!(%peer, refused, "every handshake slot is taken (max_handshakes): closing new connections on the {on} at once ({refused} since the last warning)");
             } else {
                 debug!(%peer, "connection on the {on} closed: every handshake slot is taken");
             }
