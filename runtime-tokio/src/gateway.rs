@@ -499,10 +499,7 @@ fn handshake_slot(
         Ok(slot) => Some(slot),
         Err(_) => {
             shared.metrics.handshake_dropped("overloaded");
-            let mut s = shared
-                .saturated
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut s = shared.saturated.lock().unwrap_or_else(|p| p.into_inner());
             s.1 += 1;
             let now = Instant::now();
             if s.0.is_none_or(|t| now.duration_since(t) >= WARN_EVERY) {
