@@ -88,7 +88,10 @@ fn send_proxy_on_the_gateway() {
     let s = gw(&format!("{SERVICE}send_proxy = \"v2\"\n")).unwrap();
     assert_eq!(s.services[0].send_proxy, Some(Version::V2));
     let e = gw(&format!("{SERVICE}send_proxy = \"yes\"\n")).unwrap_err();
-    assert_eq!((e.line(), e.key()), (Some(4), Some("services.web.send_proxy")));
+    assert_eq!(
+        (e.line(), e.key()),
+        (Some(4), Some("services.web.send_proxy"))
+    );
 }
 
 #[test]
