@@ -44,6 +44,7 @@ fn init_logging(format: LogFormat) {
 fn execute(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Gateway(args) => {
+            raise_open_file_limit();
             let (settings, warnings) = config::load_gateway(&args.config.path)?;
             log_warnings(&warnings);
             if args.runtime == Runtime::Uring {
@@ -52,6 +53,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             run::gateway(settings)?;
         }
         Command::Agent(args) => {
+            raise_open_file_limit();
             let (settings, warnings) = config::load_agent(&args.config.path)?;
             log_warnings(&warnings);
             if args.runtime == Runtime::Uring {
@@ -70,6 +72,35 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
         Command::Manpage => manpage()?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Each tunneled connection costs two sockets (and two pipes while bytes move): raise the soft
+/// limit on open files to the hard limit, so that a default soft limit (often 1024) does not
+/// cap a gateway or an agent at a few hundred connections.
+fn raise_open_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0
+        || lim.rlim_cur >= lim.rlim_max
+    {
+        return;
+    }
+    let from = lim.rlim_cur;
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: setrlimit only reads the struct it is given.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+        tracing::debug!(
+            from,
+            to = lim.rlim_max,
+            "raised the soft limit on open files"
+        );
+    } else {
+        let e = std::io::Error::last_os_error();
+        tracing::debug!(from, "cannot raise the soft limit on open files: {e}");
+    }
 }
 
 fn log_warnings(warnings: &[String]) {

@@ -18,6 +18,8 @@ pub struct Held {
     /// Pipe descriptors, and distinct pipes among them.
     pub pipes: usize,
     pub distinct_pipes: usize,
+    /// Socket descriptors of any kind and state (a closed TCP socket still held counts here).
+    pub socket_fds: usize,
     pub fds: usize,
 }
 
@@ -38,7 +40,7 @@ fn tcp_inodes() -> BTreeSet<String> {
 pub fn held(pid: u32) -> Held {
     let mut sockets = BTreeSet::new();
     let mut pipe_inodes = BTreeSet::new();
-    let (mut pipes, mut fds) = (0, 0);
+    let (mut pipes, mut fds, mut socket_fds) = (0, 0, 0);
     if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
         for e in dir.flatten() {
             let Ok(target) = std::fs::read_link(e.path()) else {
@@ -47,6 +49,7 @@ pub fn held(pid: u32) -> Held {
             fds += 1;
             let t = target.to_string_lossy().into_owned();
             if t.starts_with("socket:") {
+                socket_fds += 1;
                 sockets.insert(t);
             } else if t.starts_with("pipe:") {
                 pipes += 1;
@@ -59,6 +62,7 @@ pub fn held(pid: u32) -> Held {
         sockets: sockets.intersection(&tcp).count(),
         pipes,
         distinct_pipes: pipe_inodes.len(),
+        socket_fds,
         fds,
     }
 }
