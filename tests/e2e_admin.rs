@@ -196,6 +196,17 @@ fn status_page_shows_service_and_agent_in_chromium() {
         );
     let dir = Dir::new();
     let (_gw, admin, _agent) = start(&dir);
+    // The pool (4 by default) fills right after registration; wait until /status says so.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, json) = http_get(admin, "/status");
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        if v["services"][0]["pool_connections"] == 4 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the pool did not fill: {json}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let url = format!("http://{admin}/");
     let profile = dir.path().join("chromium-profile");
     let flags = [
@@ -229,6 +240,10 @@ fn status_page_shows_service_and_agent_in_chromium() {
     assert!(
         agent_cell.contains("127.0.0.1:"),
         "the agent's address is not shown:\n{dom}"
+    );
+    assert!(
+        dom.contains("class=\"num pool\">4<"),
+        "the pool's four ready connections are not shown:\n{dom}"
     );
 
     // Keep a screenshot as an artifact for people to look at.
