@@ -94,7 +94,7 @@ fn raise_fd_limit(want: u64) {
 fn truncated_oversized_and_garbage_proxy_headers_are_dropped_with_a_reason() {
     let dir = Dir::new();
     let gw = gateway(&dir, "", "accept_proxy = true\n");
-    let _agent = agent(&dir, &gw, "agent.toml", PW, "");
+    let agent_proc = agent(&dir, &gw, "agent.toml", PW, "");
     gw.wait_registered("web", 1);
     let public = gw.service_addr("web");
     let logged = |what: &str, needle: &'static str| {
@@ -160,12 +160,30 @@ fn truncated_oversized_and_garbage_proxy_headers_are_dropped_with_a_reason() {
         logged(what, needle);
     }
 
+    // A balancer's health check (v2 LOCAL, then close) costs no data connection and no warning.
+    let local = b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00";
+    let mut s = TcpStream::connect(public).unwrap();
+    s.write_all(local).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    assert!(read_until_closed(&mut s, WAIT).is_empty());
+    gw.proc.wait_for("health check", WAIT, |l| {
+        message_is(l, "balancer health check on the public port")
+    });
+    // LOCAL followed by bytes is served, as the balancer's own connection.
+    let mut s = TcpStream::connect(public).unwrap();
+    s.write_all(&[&local[..], b"pong"].concat()).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_until_closed(&mut s, WAIT), b"pong");
+
     // A good header still works, and the gateway tells the agent the address it carried.
     let mut s = TcpStream::connect(public).unwrap();
     s.write_all(b"PROXY TCP4 198.51.100.7 203.0.113.1 40000 443\r\nping")
         .unwrap();
     s.shutdown(Shutdown::Write).unwrap();
     assert_eq!(read_until_closed(&mut s, WAIT), b"ping");
+    agent_proc.wait_for("the client address from the header", WAIT, |l| {
+        field(l, "client").as_deref() == Some("198.51.100.7:40000")
+    });
 }
 
 #[test]

@@ -585,10 +585,13 @@ async fn agent_conn(
     slot: tokio::sync::OwnedSemaphorePermit,
 ) {
     let timeout = shared.handshake_timeout;
+    // A balancer's health check (a LOCAL header, then close) is routine, not worth a warning.
+    let mut health_check = false;
     let peer = if shared.accept_proxy {
         match crate::proxy_header::read(&mut tcp, via, timeout).await {
             Ok(origin) => {
                 debug!(%via, client = %origin.client, "PROXY header on agent port");
+                health_check = origin.header == dialback_core::proxy_protocol::ProxyHeader::Local;
                 origin.client
             }
             Err(e) => {
@@ -626,6 +629,10 @@ async fn agent_conn(
     .await;
     let (stream, class, rest) = match opened {
         Ok(Ok(v)) => v,
+        Ok(Err(("closed", _))) if health_check => {
+            debug!(%peer, "balancer health check on the agent port");
+            return;
+        }
         Ok(Err((label, reason))) => {
             shared.metrics.handshake_dropped(label);
             warn!(%peer, "connection on agent port dropped: {reason}");
@@ -1130,6 +1137,18 @@ async fn client_conn(
         };
         match crate::proxy_header::read(&mut client, via, shared.handshake_timeout).await {
             Ok(origin) => {
+                if origin.header == dialback_core::proxy_protocol::ProxyHeader::Local {
+                    // A balancer's health check usually closes right after its header: do not
+                    // ask the agent for a connection unless a byte follows.
+                    let mut first = [0u8; 1];
+                    let peeked =
+                        tokio::time::timeout(shared.handshake_timeout, client.peek(&mut first))
+                            .await;
+                    if !matches!(peeked, Ok(Ok(1))) {
+                        debug!(%via, %service, "balancer health check on the public port");
+                        return;
+                    }
+                }
                 drop(slot);
                 public = origin.destination.or(public);
                 origin.client
