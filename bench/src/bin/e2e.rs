@@ -540,7 +540,19 @@ async fn measure(name: &str, mut sys: Running, plan: &Plan) -> Results {
     progress(&format!("{name}: waiting until the echo service answers"));
     if !wait_ready(sys.echo, Duration::from_secs(20)).await {
         r.available = false;
-        r.note = "did not become ready within 20 s".into();
+        let exited: Vec<String> = sys
+            .procs
+            .iter_mut()
+            .filter_map(|(role, p)| (!p.alive()).then(|| role.clone()))
+            .collect();
+        r.note = if exited.is_empty() {
+            "did not become ready within 20 s".into()
+        } else {
+            format!(
+                "did not become ready within 20 s ({} exited; its log is in the run's directory)",
+                exited.join(", ")
+            )
+        };
         return r;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -636,6 +648,37 @@ async fn measure(name: &str, mut sys: Running, plan: &Plan) -> Results {
     progress(&format!("{name}: done; stopping its processes"));
     drop(sys);
     r
+}
+
+/// Starts a system and measures it. If it never answered (a port taken by someone else between
+/// choosing and binding it, say), it is started once more, with fresh ports.
+async fn start_and_measure(
+    name: &str,
+    plan: &Plan,
+    mut start: impl FnMut() -> Result<Running, String>,
+) -> Results {
+    let mut last = Results::default();
+    for attempt in 0..2 {
+        last = match start() {
+            Ok(sys) => measure(name, sys, plan).await,
+            Err(e) => {
+                return Results {
+                    note: e,
+                    ..Default::default()
+                }
+            }
+        };
+        if last.available {
+            break;
+        }
+        if attempt == 0 {
+            progress(&format!(
+                "{name}: {}; starting it once more with fresh ports",
+                last.note
+            ));
+        }
+    }
+    last
 }
 
 // ---------------------------------------------------------------- reporting
@@ -1371,22 +1414,19 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
     for runtime in ["tokio", "uring"] {
         let name = format!("dialback {runtime}");
         progress(&format!("{name}: starting gateway and agent"));
-        let r = match start_dialback(
-            &dialback_bin,
-            &dir,
-            runtime,
-            false,
-            echo_port,
-            iperf_port,
-            web_port,
-            &mut cmds,
-        ) {
-            Ok(sys) => measure(&name, sys, &plan).await,
-            Err(e) => Results {
-                note: e,
-                ..Default::default()
-            },
-        };
+        let r = start_and_measure(&name, &plan, || {
+            start_dialback(
+                &dialback_bin,
+                &dir,
+                runtime,
+                false,
+                echo_port,
+                iperf_port,
+                web_port,
+                &mut cmds,
+            )
+        })
+        .await;
         runtimes.push((name, r));
     }
     let db = &runtimes[0].1;
@@ -1394,13 +1434,10 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
     let rh = match &rathole {
         Some(bin) => {
             progress("rathole: starting server and client");
-            match start_rathole(bin, &dir, false, echo_port, iperf_port, web_port, &mut cmds) {
-                Ok(sys) => measure("rathole", sys, &plan).await,
-                Err(e) => Results {
-                    note: e,
-                    ..Default::default()
-                },
-            }
+            start_and_measure("rathole", &plan, || {
+                start_rathole(bin, &dir, false, echo_port, iperf_port, web_port, &mut cmds)
+            })
+            .await
         }
         None => Results {
             note: "rathole 0.5.0 unavailable (not installed / install failed)".into(),
@@ -1409,32 +1446,26 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
     };
     // Encrypted data channels: dialback's data_tls against rathole's noise transport.
     progress("dialback tokio, data_tls: starting gateway and agent");
-    let db_tls = match start_dialback(
-        &dialback_bin,
-        &dir,
-        "tokio",
-        true,
-        echo_port,
-        iperf_port,
-        None,
-        &mut cmds,
-    ) {
-        Ok(sys) => measure("dialback tokio data_tls", sys, &plan).await,
-        Err(e) => Results {
-            note: e,
-            ..Default::default()
-        },
-    };
+    let db_tls = start_and_measure("dialback tokio data_tls", &plan, || {
+        start_dialback(
+            &dialback_bin,
+            &dir,
+            "tokio",
+            true,
+            echo_port,
+            iperf_port,
+            None,
+            &mut cmds,
+        )
+    })
+    .await;
     let rh_noise = match &rathole {
         Some(bin) => {
             progress("rathole noise: starting server and client");
-            match start_rathole(bin, &dir, true, echo_port, iperf_port, None, &mut cmds) {
-                Ok(sys) => measure("rathole noise", sys, &plan).await,
-                Err(e) => Results {
-                    note: e,
-                    ..Default::default()
-                },
-            }
+            start_and_measure("rathole noise", &plan, || {
+                start_rathole(bin, &dir, true, echo_port, iperf_port, None, &mut cmds)
+            })
+            .await
         }
         None => Results {
             note: "rathole 0.5.0 unavailable (not installed / install failed)".into(),
