@@ -15,9 +15,13 @@ use netns::{Net, NsProc};
 const WAIT: Duration = Duration::from_secs(20);
 
 fn start_gateway(net: &Net, dir: &Dir, services: &str) -> (NsProc, String) {
+    start_gateway_on(net, dir, "0.0.0.0:7000", services)
+}
+
+fn start_gateway_on(net: &Net, dir: &Dir, listen: &str, services: &str) -> (NsProc, String) {
     let config = dir.write(
         "gateway.toml",
-        &format!("listen = \"0.0.0.0:7000\"\nstate_dir = \"state\"\n{FAST_TIMERS}\n{services}"),
+        &format!("listen = \"{listen}\"\nstate_dir = \"state\"\n{FAST_TIMERS}\n{services}"),
     );
     let gw = NsProc::dialback(
         net,
@@ -43,20 +47,33 @@ fn start_agent(
     services: &[(&str, &str)],
     local: SocketAddr,
 ) -> NsProc {
+    let gateway = SocketAddr::from((Net::hub_addr(i), 7000));
+    start_agent_to(net, dir, i, gateway, fingerprint, services, local)
+}
+
+fn start_agent_to(
+    net: &Net,
+    dir: &Dir,
+    i: usize,
+    gateway: SocketAddr,
+    fingerprint: &str,
+    services: &[(&str, &str)],
+    local: SocketAddr,
+) -> NsProc {
     let mut text = format!(
-        "gateway = \"{}:7000\"\nfingerprint = \"{fingerprint}\"\nreconnect_min = \"100ms\"\nreconnect_max = \"500ms\"\nconnect_timeout = \"3s\"\n",
-        Net::hub_addr(i)
+        "gateway = \"{gateway}\"\nfingerprint = \"{fingerprint}\"\nreconnect_min = \"100ms\"\nreconnect_max = \"500ms\"\nconnect_timeout = \"3s\"\n"
     );
     for (name, pw) in services {
         text.push_str(&format!(
             "\n[services.{name}]\npassword = \"{pw}\"\nlocal = \"{local}\"\n"
         ));
     }
-    let config = dir.write(&format!("agent{i}.toml"), &text);
+    let name = format!("agent{i}-{}", if gateway.is_ipv6() { "v6" } else { "v4" });
+    let config = dir.write(&format!("{name}.toml"), &text);
     NsProc::dialback(
         net,
         net.spoke(i),
-        &format!("agent{i}"),
+        &name,
         &["agent", "-c", config.to_str().unwrap()],
     )
 }
@@ -219,4 +236,49 @@ fn clients_allow_refuses_clients_from_other_addresses() {
         Some(true),
         "{line}"
     );
+}
+
+#[test]
+fn allow_from_over_ipv6_and_ipv4_on_a_dual_stack_listener() {
+    let net = Net::new("acl6", 2);
+    let dir = Dir::new();
+    let service = |name: &str, rule: &str| {
+        format!(
+            "[services.{name}]\npassword = \"pw-{name}-0123456789\"\ntcp_listen = \"[::]:0\"\nallow_from = [{rule}]\n\n"
+        )
+    };
+    let services = [
+        service("v6net", "\"fd77:1::/64\""),
+        service("v6exact", &format!("\"{}\"", Net::spoke_addr6(2))),
+        service("v4net", "\"10.77.1.0/24\""),
+    ]
+    .concat();
+    // One dual-stack socket: IPv4 agents arrive as ::ffff:10.77.x.2 and must match IPv4 rules.
+    let (gw, fp) = start_gateway_on(&net, &dir, "[::]:7000", &services);
+    let pw = |n: &str| format!("pw-{n}-0123456789");
+    let (p6n, p6e, p4n) = (pw("v6net"), pw("v6exact"), pw("v4net"));
+    let all = [
+        ("v6net", p6n.as_str()),
+        ("v6exact", p6e.as_str()),
+        ("v4net", p4n.as_str()),
+    ];
+    let local: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let v6 = |i| SocketAddr::from((Net::hub_addr6(i), 7000));
+    let v4 = |i| SocketAddr::from((Net::hub_addr(i), 7000));
+    let _a1v6 = start_agent_to(&net, &dir, 1, v6(1), &fp, &all[..2], local);
+    let _a2v6 = start_agent_to(&net, &dir, 2, v6(2), &fp, &all[..2], local);
+    let _a1v4 = start_agent_to(&net, &dir, 1, v4(1), &fp, &all[2..], local);
+    let _a2v4 = start_agent_to(&net, &dir, 2, v4(2), &fp, &all[2..], local);
+    let (s1, s2) = (
+        Net::spoke_addr6(1).to_string(),
+        Net::spoke_addr6(2).to_string(),
+    );
+    let in_brackets = |ip: &str| format!("[{ip}]");
+    registered_from(&gw, "v6net", &in_brackets(&s1));
+    refused_from(&gw, "v6net", &in_brackets(&s2));
+    registered_from(&gw, "v6exact", &in_brackets(&s2));
+    refused_from(&gw, "v6exact", &in_brackets(&s1));
+    // Logged as plain IPv4 addresses, and matched by the IPv4 rule.
+    registered_from(&gw, "v4net", &Net::spoke_addr(1).to_string());
+    refused_from(&gw, "v4net", &Net::spoke_addr(2).to_string());
 }

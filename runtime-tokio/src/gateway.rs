@@ -475,6 +475,8 @@ async fn agent_accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                // IPv4 peers of a dual-stack listener arrive as ::ffff:a.b.c.d; say a.b.c.d.
+                let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
                 let Some(slot) = handshake_slot(&shared, peer, "agent port") else {
                     continue; // dropping the stream closes it
                 };
@@ -933,6 +935,7 @@ async fn client_accept_loop(
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
                 let _ = stream.set_nodelay(true);
                 tokio::spawn(client_conn(
                     shared.clone(),

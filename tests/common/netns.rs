@@ -1,14 +1,14 @@
 //! Network namespaces a test creates for itself, so that connections really come from
 //! different source addresses: a hub namespace (where the gateway runs) and spokes, each
-//! linked to the hub by its own veth pair. Spoke `i` is `10.77.i.2`, the hub is `10.77.i.1`
-//! on that link. Everything lives inside the namespaces (the veth ends are created there
-//! directly), so parallel tests only need distinct namespace names, and dropping the `Net`
-//! deletes it all, even when the test panics.
+//! linked to the hub by its own veth pair. Spoke `i` is `10.77.i.2` and `fd77:i::2`, the hub
+//! is `10.77.i.1` and `fd77:i::1` on that link. Everything lives inside the namespaces (the
+//! veth ends are created there directly), so parallel tests only need distinct namespace
+//! names, and dropping the `Net` deletes it all, even when the test panics.
 #![allow(dead_code)]
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -89,6 +89,21 @@ impl Net {
                 "via",
                 &Net::hub_addr(i).to_string(),
             ]);
+            // IPv6 too, usable at once (no duplicate address detection on a private link).
+            let v6 = |ns: &str, dev: &str, a: Ipv6Addr| {
+                ip(&[
+                    "-n",
+                    ns,
+                    "addr",
+                    "add",
+                    &format!("{a}/64"),
+                    "dev",
+                    dev,
+                    "nodad",
+                ]);
+            };
+            v6(&hub, &hub_if, Net::hub_addr6(i));
+            v6(&ns, &spoke_if, Net::spoke_addr6(i));
         }
         net
     }
@@ -99,6 +114,15 @@ impl Net {
 
     pub fn hub_addr(i: usize) -> Ipv4Addr {
         Ipv4Addr::new(10, 77, i as u8, 1)
+    }
+
+    /// Spoke `i` on IPv6: `fd77:i::2`; the hub is `fd77:i::1` on that link.
+    pub fn spoke_addr6(i: usize) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd77, i as u16, 0, 0, 0, 0, 0, 2)
+    }
+
+    pub fn hub_addr6(i: usize) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd77, i as u16, 0, 0, 0, 0, 0, 1)
     }
 
     /// The spoke namespace `i` (1-based).
