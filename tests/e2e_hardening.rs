@@ -215,7 +215,7 @@ fn garbage_before_the_tls_hello_is_dropped_and_agents_still_register() {
 #[test]
 fn a_flood_of_wrong_passwords_is_slowed_more_and_more_but_a_good_agent_registers() {
     let dir = Dir::new();
-    let gw = gateway(&dir, "", "");
+    let gw = gateway(&dir, "admin_listen = \"127.0.0.1:0\"\n", "");
     // The real agent with a wrong password retries every ~100ms: a steady stream of failures
     // from 127.0.0.1.
     let mut bad = agent(&dir, &gw, "bad.toml", "a-wrong-password-123", "");
@@ -257,6 +257,25 @@ fn a_flood_of_wrong_passwords_is_slowed_more_and_more_but_a_good_agent_registers
     let _good = agent(&dir, &gw, "good.toml", PW, "10s");
     gw.wait_registered("web", 1);
     wait_echo_works(gw.service_addr("web"), WAIT);
+
+    // Operators see it in /metrics too.
+    let admin = gw.proc.wait_for("admin address", WAIT, |l| {
+        message_is(l, "admin endpoint listening")
+    });
+    let admin: std::net::SocketAddr = field(&admin, "addr").unwrap().parse().unwrap();
+    let mut s = TcpStream::connect(admin).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let text = String::from_utf8(read_until_closed(&mut s, WAIT)).unwrap();
+    let count = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("dialback_gateway_{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert!(count("auth_delays_total") >= 5, "{text}");
+    assert!(count("auth_failures_total") >= 8, "{text}");
 }
 
 #[test]

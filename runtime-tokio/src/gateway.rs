@@ -655,6 +655,7 @@ async fn agent_conn(
             .core
             .admission_delay(Instant::now(), peer.ip());
         if !delay.is_zero() {
+            shared.metrics.auth_delayed();
             let delay_ms = delay.as_millis() as u64;
             info!(%peer, delay_ms, "control connection held for {delay:?} after failed authentications from this address");
             tokio::time::sleep(delay).await;

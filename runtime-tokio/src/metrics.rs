@@ -679,6 +679,7 @@ pub struct GatewayMetrics {
     services: Vec<ServiceMetrics>,
     registration_rejections: LabelCounters,
     auth_failures: AtomicU64,
+    auth_delays: AtomicU64,
     handshake_drops: LabelCounters,
     data_refusals: LabelCounters,
     http_unrouted: LabelCounters,
@@ -738,6 +739,7 @@ impl GatewayMetrics {
             services: list,
             registration_rejections: LabelCounters::new(),
             auth_failures: AtomicU64::new(0),
+            auth_delays: AtomicU64::new(0),
             handshake_drops: LabelCounters::new(),
             data_refusals: LabelCounters::new(),
             http_unrouted: LabelCounters::new(),
@@ -763,6 +765,15 @@ impl GatewayMetrics {
     /// [`registration_rejected`](Self::registration_rejected): call both.
     pub fn auth_failure(&self) {
         self.auth_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A control connection was held because its address failed to authenticate before.
+    pub fn auth_delayed(&self) {
+        self.auth_delays.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn auth_delays(&self) -> u64 {
+        self.auth_delays.load(Ordering::Relaxed)
     }
 
     /// A connection on the agent port was dropped before its hello (`bad_magic`,
@@ -880,6 +891,13 @@ impl GatewayMetrics {
             "Agents that failed to prove a service password.",
         );
         e.int("auth_failures_total", &[], self.auth_failures());
+
+        e.family(
+            "auth_delays_total",
+            "counter",
+            "Control connections held before their hello because their address failed to authenticate before.",
+        );
+        e.int("auth_delays_total", &[], self.auth_delays());
 
         e.family(
             "handshake_drops_total",
@@ -1724,6 +1742,7 @@ pub(crate) mod tests {
             ("registrations_total", "counter"),
             ("registration_rejections_total", "counter"),
             ("auth_failures_total", "counter"),
+            ("auth_delays_total", "counter"),
             ("handshake_drops_total", "counter"),
             ("connections_active", "gauge"),
             ("connections_total", "counter"),
