@@ -115,6 +115,8 @@ pub(crate) struct Shared {
     /// When connections refused for lack of handshake slots were last warned about, and how
     /// many were refused since: one warning per interval, not one per connection.
     saturated: Mutex<(Option<Instant>, u64)>,
+    /// When each access-rule DNS name was last resolved (only names in rules: bounded).
+    resolved_at: Mutex<HashMap<String, Instant>>,
     /// Public clients being served; shutdown waits for them.
     pub(crate) drain: Arc<crate::drain::Drain>,
     drain_timeout: Duration,
@@ -344,6 +346,7 @@ impl BoundGateway {
             accept_proxy: settings.accept_proxy,
             handshakes: Arc::new(tokio::sync::Semaphore::new(settings.max_handshakes)),
             saturated: Mutex::new((None, 0)),
+            resolved_at: Mutex::new(HashMap::new()),
             drain: Arc::new(crate::drain::Drain::default()),
             drain_timeout: settings.drain_timeout,
         });
@@ -519,7 +522,17 @@ fn handshake_slot(
 /// Resolves the DNS names of access rules now, for the decision about a connection that just
 /// arrived, and hands the addresses to the core. A name that does not resolve matches nothing.
 async fn resolve_rule_names(shared: &Shared, names: Vec<String>) {
+    // A burst of connections shares one lookup per name and second: a flood cannot turn into
+    // a flood of DNS queries (or of blocking resolver threads).
+    const FRESH: Duration = Duration::from_secs(1);
     for name in names {
+        let fresh = {
+            let done = shared.resolved_at.lock().unwrap_or_else(|p| p.into_inner());
+            done.get(&name).is_some_and(|t| t.elapsed() < FRESH)
+        };
+        if fresh {
+            continue;
+        }
         let addrs = match tokio::time::timeout(
             shared.handshake_timeout,
             tokio::net::lookup_host((name.as_str(), 0)),
@@ -541,6 +554,11 @@ async fn resolve_rule_names(shared: &Shared, names: Vec<String>) {
             .lock()
             .core
             .handle_resolved(Instant::now(), &name, addrs);
+        shared
+            .resolved_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name, Instant::now());
     }
 }
 
@@ -660,6 +678,11 @@ async fn agent_conn(
             info!(%peer, delay_ms, "control connection held for {delay:?} after failed authentications from this address");
             tokio::time::sleep(delay).await;
         }
+        // Resolved now, for this connection's hello, while it still holds its slot.
+        let names = shared.lock().core.agent_names();
+        if !names.is_empty() {
+            resolve_rule_names(&shared, names).await;
+        }
     }
     drop(slot);
     match class {
@@ -680,10 +703,6 @@ async fn control_conn(shared: Arc<Shared>, stream: MaybeTls, peer: SocketAddr, e
             return;
         }
     };
-    let names = shared.lock().core.agent_names();
-    if !names.is_empty() {
-        resolve_rule_names(&shared, names).await;
-    }
     let conn = ConnId(shared.next_id());
     let (tx, mut rx) = mpsc::unbounded_channel();
     {
