@@ -66,6 +66,15 @@ pub enum Command {
     Check(ConfigArg),
     /// Run a gateway, an agent and a sample web service in one process on loopback
     Demo(DemoArgs),
+    /// Convert balance.bin / backbalance.bin lines into gateway.toml and agent.toml
+    ///
+    /// Reads the back-connect entries of balance.bin (`/~~name=password#:*;`, `#:*1.2.3.4;`,
+    /// `#:*51.254.;`, `#:*host.dyndns.org;`, with `SSL` in front for data connections under
+    /// TLS) and, if given, the proxy cascade of backbalance.bin
+    /// (`/ -> \user:pass@proxy:port -> user2:pass@proxy2:port;`), and writes gateway.toml and
+    /// agent.toml into --out (never overwriting). A line it cannot read stops the import with
+    /// FILE:LINE and the reason. The files hold the passwords: they are created with mode 0600.
+    Import(ImportArgs),
     /// Print a shell completion script for bash, zsh, fish, elvish or powershell
     ///
     /// Writes the script to stdout, e.g.:
@@ -106,6 +115,17 @@ pub struct ConfigArg {
     /// Config file (TOML)
     #[arg(short = 'c', long = "config", value_name = "FILE")]
     pub path: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The gateway's balance.bin
+    pub balance: PathBuf,
+    /// The agent's backbalance.bin (its proxy cascade)
+    pub backbalance: Option<PathBuf>,
+    /// Directory to write gateway.toml and agent.toml into
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Args)]

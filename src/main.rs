@@ -2,6 +2,7 @@
 
 mod cli;
 mod config;
+mod import;
 mod run;
 
 use std::path::Path;
@@ -63,6 +64,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Fingerprint(args) => fingerprint(&args.path)?,
         Command::Check(args) => return Ok(check(&args.path)),
+        Command::Import(args) => import_files(&args)?,
         Command::Demo(args) => run::demo(run::DemoOptions {
             gateway_port: args.gateway_port,
             public_port: args.public_port,
@@ -188,4 +190,65 @@ fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
         }
         _ => Ok(()),
     }
+}
+
+/// `dialback import`: reads the old files, writes the two TOML files, never overwriting.
+fn import_files(args: &cli::ImportArgs) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+
+    let read = |p: &Path| {
+        std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
+    };
+    let balance_name = args.balance.display().to_string();
+    let services = import::parse_balance(&balance_name, &read(&args.balance)?)?;
+    if services.is_empty() {
+        anyhow::bail!("{balance_name}: no back-connect entry (like /~~name=password#:*;) found");
+    }
+    let (proxies, sources) = match &args.backbalance {
+        Some(p) => {
+            let name = p.display().to_string();
+            let hops = import::parse_backbalance(&name, &read(p)?)?;
+            (hops, format!("{balance_name} and {name}"))
+        }
+        None => (Vec::new(), balance_name.clone()),
+    };
+    let files = [
+        (
+            "gateway.toml",
+            import::gateway_toml(&balance_name, &services),
+        ),
+        (
+            "agent.toml",
+            import::agent_toml(&sources, &services, &proxies),
+        ),
+    ];
+    for (name, _) in &files {
+        let path = args.out.join(name);
+        if path.exists() {
+            anyhow::bail!("{} exists; not overwriting it", path.display());
+        }
+    }
+    for (name, text) in &files {
+        let path = args.out.join(name);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        f.write_all(text.as_bytes())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    println!(
+        "wrote {} ({} service{}) and {} ({} prox{}); fill in the agent's gateway address, \
+         fingerprint and each service's local address",
+        args.out.join("gateway.toml").display(),
+        services.len(),
+        if services.len() == 1 { "" } else { "s" },
+        args.out.join("agent.toml").display(),
+        proxies.len(),
+        if proxies.len() == 1 { "y" } else { "ies" },
+    );
+    Ok(())
 }

@@ -13,6 +13,7 @@ const SUBCOMMANDS: &[&str] = &[
     "fingerprint",
     "check",
     "demo",
+    "import",
     "completions",
     "manpage",
 ];
@@ -308,4 +309,123 @@ fn systemd_units_have_the_essentials() {
             assert!(text.contains(line), "{unit} lacks {line:?}");
         }
     }
+}
+
+/// `import` turns every documented balance.bin / backbalance.bin form into configs that
+/// `check` accepts (the agent's once its placeholders are filled in), and refuses what it
+/// cannot read with the file and line.
+#[test]
+fn import_converts_the_old_files_into_checked_configs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("balance.bin"),
+        "/~~srvBACK=mypassword1234#:*;\n\
+         /~~srvIP=pw-one#:*192.0.2.7;\n\
+         /~~srvNET=pw-two#:*51.254.;\n\
+         /~~srvDNS=pw-three#:*localhost;\n\
+         SSL /~~srvTLS=pw-four#:1;\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("backbalance.bin"),
+        "/ -> mydomain\\myuser1:mypass@proxy1.corp.example:8080 -> myuser2:pass2@proxy2.corp.example:3128;\n",
+    )
+    .unwrap();
+    let out = run(d, &["import", "balance.bin", "backbalance.bin"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("5 services"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let gw = std::fs::read_to_string(d.join("gateway.toml")).unwrap();
+    let v: toml::Value = toml::from_str(&gw).unwrap();
+    let s = &v["services"];
+    assert_eq!(s["srvBACK"]["password"].as_str(), Some("mypassword1234"));
+    assert!(
+        s["srvBACK"].get("allow_from").is_none(),
+        "'*' allows anyone"
+    );
+    assert_eq!(s["srvIP"]["allow_from"][0].as_str(), Some("192.0.2.7"));
+    assert_eq!(s["srvNET"]["allow_from"][0].as_str(), Some("51.254."));
+    assert_eq!(s["srvDNS"]["allow_from"][0].as_str(), Some("localhost"));
+    assert_eq!(s["srvTLS"]["data_tls"].as_bool(), Some(true));
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(d.join("gateway.toml"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(
+        mode & 0o777,
+        0o600,
+        "the passwords are not readable by others"
+    );
+    // Point state_dir somewhere writable for the check.
+    std::fs::write(
+        d.join("gateway.toml"),
+        gw.replace("/var/lib/dialback", "state"),
+    )
+    .unwrap();
+    let check = run(d, &["check", "-c", "gateway.toml"]);
+    assert!(
+        check.status.success(),
+        "{}{}",
+        text(&check.stdout),
+        text(&check.stderr)
+    );
+
+    let agent = std::fs::read_to_string(d.join("agent.toml")).unwrap();
+    let v: toml::Value = toml::from_str(&agent).unwrap();
+    let proxies = v["proxies"].as_array().unwrap();
+    assert_eq!(proxies.len(), 2);
+    assert_eq!(
+        proxies[0]["url"].as_str(),
+        Some("http://proxy1.corp.example:8080")
+    );
+    assert_eq!(proxies[0]["user"].as_str(), Some("mydomain\\myuser1"));
+    assert_eq!(proxies[1]["user"].as_str(), Some("myuser2"));
+    assert_eq!(
+        v["services"]["srvTLS"]["password"].as_str(),
+        Some("pw-four")
+    );
+    let filled = agent.replace(
+        "sha256:REPLACE-WITH-THE-GATEWAY-FINGERPRINT",
+        &format!("sha256:{}", "ab".repeat(32)),
+    );
+    std::fs::write(d.join("agent.toml"), filled).unwrap();
+    let check = run(d, &["check", "-c", "agent.toml"]);
+    assert!(
+        check.status.success(),
+        "{}{}",
+        text(&check.stdout),
+        text(&check.stderr)
+    );
+
+    // Never overwrites.
+    let again = run(d, &["import", "balance.bin"]);
+    assert!(!again.status.success());
+    assert!(
+        text(&again.stderr).contains("not overwriting"),
+        "{}",
+        text(&again.stderr)
+    );
+
+    // A line it cannot read: file, line, reason.
+    let bad = tempfile::tempdir().unwrap();
+    std::fs::write(
+        bad.path().join("balance.bin"),
+        "/~~ok=pw#:*;\n\n/~~srv1=10.0.0.5:80;\n",
+    )
+    .unwrap();
+    let out = run(bad.path(), &["import", "balance.bin"]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("balance.bin:3: "), "{err}");
+    assert!(err.contains("upstreams"), "{err}");
+    assert!(
+        !bad.path().join("gateway.toml").exists(),
+        "nothing written on error"
+    );
 }
