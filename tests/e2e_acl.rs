@@ -157,9 +157,14 @@ fn allow_from_exact_cidr_prefix_and_dns_name_against_real_source_addresses() {
     // The same agent is welcome where the rules say so.
     registered_from(&gw, "open", &a2);
     // The agent is told why, and keeps retrying with its backoff.
-    agent2.wait_for("refusal reason at the agent", WAIT, |l| {
-        l.contains("not_allowed") || l.contains("not allowed")
+    let told = agent2.wait_for("refusal reason at the agent", WAIT, |l| {
+        l.contains(&format!("{a2} is not allowed to register service"))
     });
+    // It learns that its address was refused, not what the rules are.
+    assert!(
+        !told.contains("10.77.1.") && !told.contains("home.dialback.test"),
+        "{told}"
+    );
 
     // Dynamic DNS: the name now points at spoke 2. The name is resolved when a connection
     // arrives, so spoke 2's next attempt is accepted once spoke 1's session is gone.

@@ -921,18 +921,20 @@ impl Gateway {
             // password.
             let rules = &s.cfg.allow_from;
             if !rules.allows(peer.ip(), &self.resolution()) {
-                let detail = format!(
-                    "{} is not allowed to register service {:?} (allow_from: {rules})",
+                // The agent is told its address; only the log shows the rules.
+                let told = format!(
+                    "{} is not allowed to register service {:?}",
                     peer.ip(),
                     h.service
                 );
+                let reason = format!("address not in allow_from ({rules})");
                 self.reject(
                     conn,
                     peer,
                     Some(h.service),
                     ErrorCode::NotAllowed,
-                    "address not allowed",
-                    &detail,
+                    &reason,
+                    &told,
                 );
                 return;
             }

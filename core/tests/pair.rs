@@ -2840,6 +2840,14 @@ fn allow_from_decides_before_the_password_is_checked() {
         );
         let conn = p.sides[a].conn;
         assert_eq!(p.rejected(conn)[0].2, ErrorCode::NotAllowed);
+        // The refused agent learns its address was refused, not what the rules are.
+        let AgentError::Refused { message, .. } = &err else {
+            unreachable!()
+        };
+        assert_eq!(
+            message,
+            &format!("192.0.2.1 is not allowed to register service {SERVICE:?}")
+        );
         // A refused address learns nothing about the password: a wrong one gets the same.
         let mut q = with_allow_from(rules);
         let b = q.agent(SERVICE, PasswordKey::from_bytes([0x55; 32]), [1; 32]);
