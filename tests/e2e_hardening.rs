@@ -287,6 +287,12 @@ fn a_thousand_idle_half_open_connections_neither_stop_clients_nor_outlive_their_
     gw.wait_registered("web", 1);
     let public = gw.service_addr("web");
     wait_echo_works(public, WAIT);
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", gw.proc.pid()))
+            .unwrap()
+            .count()
+    };
+    let baseline = fds();
 
     // Half of them send nothing, half the first bytes of a TLS hello, then both fall silent.
     let mut idle: Vec<TcpStream> = (0..1000)
@@ -318,6 +324,16 @@ fn a_thousand_idle_half_open_connections_neither_stop_clients_nor_outlive_their_
                 && message_contains(l, "no hello within")
         });
     wait_echo_works(public, WAIT);
+    // And none of their sockets is left behind (a few of slack for the pool's refills).
+    let deadline = Instant::now() + WAIT;
+    while fds() > baseline + 4 {
+        assert!(
+            Instant::now() < deadline,
+            "gateway holds {} descriptors, {baseline} before the idle connections",
+            fds()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
