@@ -973,12 +973,7 @@ async fn client_accept_loop(
 /// Refuses a public client that `clients_allow` of `service` does not cover (and says why);
 /// resolves the rule's DNS names first.
 pub(crate) async fn check_client(shared: &Arc<Shared>, service: &str, client: SocketAddr) -> bool {
-    let names = shared.lock().core.client_names(service);
-    if !names.is_empty() {
-        resolve_rule_names(shared, names).await;
-    }
-    let verdict = shared.lock().core.client_allowed(service, client.ip());
-    match verdict {
+    match client_verdict(shared, service, client).await {
         Ok(()) => true,
         Err(why) => {
             if let Some(m) = shared.metrics.service(service) {
@@ -988,6 +983,21 @@ pub(crate) async fn check_client(shared: &Arc<Shared>, service: &str, client: So
             false
         }
     }
+}
+
+/// Whether `clients_allow` of `service` covers `client`, and if not why, without logging or
+/// counting: for entry points that report refusals their own way (HTTP answers 403).
+pub(crate) async fn client_verdict(
+    shared: &Arc<Shared>,
+    service: &str,
+    client: SocketAddr,
+) -> Result<(), String> {
+    let names = shared.lock().core.client_names(service);
+    if !names.is_empty() {
+        resolve_rule_names(shared, names).await;
+    }
+    let verdict = shared.lock().core.client_allowed(service, client.ip());
+    verdict
 }
 
 /// Why a public client got no data connection.
