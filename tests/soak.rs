@@ -328,25 +328,33 @@ fn sequential_tunneled_connections() {
 #[test]
 fn concurrent_tunneled_connections() {
     let scale = scale();
-    let n = scale.concurrent;
     // Each tunneled connection costs the gateway and the agent two sockets and two pipes (six
     // descriptors each; eight on io_uring, which holds a duplicate of each socket), and this
     // process a client and the echo's socket.
     let per_connection = if test_runtime() == "uring" { 8 } else { 6 };
-    let need = per_connection * n as u64 + 1024;
+    let want = scale.concurrent;
+    let need = per_connection * want as u64 + 1024;
     let limit = raise_nofile(need);
+    let fits = (limit.saturating_sub(1024) / per_connection) as usize;
     let msg = format!(
-        "{n} concurrent connections may need {need} descriptors per process; the limit is {limit} \
-         (raise the hard limit, or run as root with CAP_SYS_RESOURCE)"
+        "{want} concurrent connections may need {need} descriptors per process; the limit is \
+         {limit} (raise the hard limit, or run as root with CAP_SYS_RESOURCE)"
     );
-    if std::env::var_os("DIALBACK_SOAK_CONCURRENT").is_some() {
-        // An explicit size is tried even so: the runtimes take pipes only while bytes move.
-        if limit < need {
+    let explicit = std::env::var_os("DIALBACK_SOAK_CONCURRENT").is_some();
+    let full = std::env::var("DIALBACK_SOAK_SCALE").as_deref() == Ok("full");
+    let n = if fits >= want || explicit {
+        // An explicit size is tried even so (the runtimes take pipes only while bytes move).
+        if fits < want {
             eprintln!("warning: {msg}");
         }
+        want
+    } else if !full && fits >= 500 {
+        // The CI size shrinks to what this machine's hard limit carries.
+        eprintln!("note: {msg}; running {fits}");
+        fits
     } else {
-        assert!(limit >= need, "{msg}");
-    }
+        panic!("{msg}");
+    };
     let s = setup();
     for i in 0..100 {
         assert_eq!(
