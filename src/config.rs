@@ -142,6 +142,7 @@ pub fn load_gateway_identity(path: &Path) -> Result<IdentitySource, ConfigError>
 /// Keys only an agent config has.
 const AGENT_ONLY_KEYS: &[&str] = &[
     "gateway",
+    "gateways",
     "fingerprint",
     "ca_file",
     "ca",

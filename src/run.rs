@@ -132,7 +132,7 @@ async fn demo_async(opts: DemoOptions) -> anyhow::Result<()> {
     }));
 
     let agent_settings = AgentSettings {
-        gateway: gw_addr.to_string(),
+        gateways: vec![gw_addr.to_string()],
         server_name: None,
         trust: GatewayTrust::Fingerprint(fingerprint),
         services: vec![AgentService {

@@ -103,48 +103,63 @@ pub async fn run_with_metrics(
     metrics: Arc<AgentMetrics>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentSetupError> {
-    let host = split_host(&settings.gateway)
-        .ok_or_else(|| AgentSetupError::BadGateway(settings.gateway.clone()))?;
+    if settings.gateways.is_empty() {
+        return Err(AgentSetupError::BadGateway(String::new()));
+    }
     if settings.trust == GatewayTrust::Insecure {
         warn!("insecure = true: the gateway's certificate is NOT verified; anyone on the path can impersonate it and learn enough to guess the service passwords offline");
     }
-    let name = settings
-        .server_name
-        .clone()
-        .unwrap_or_else(|| host.to_owned());
-    let server_name = match tls::server_name(&name) {
-        Ok(n) => n,
-        // Pinned and insecure trust do not look at the name, so any placeholder works.
-        Err(_)
-            if matches!(
-                settings.trust,
-                GatewayTrust::Fingerprint(_) | GatewayTrust::Insecure
-            ) =>
-        {
-            tls::server_name("dialback-gateway")?
-        }
-        Err(e) => return Err(e.into()),
-    };
     let connector = tokio_rustls::TlsConnector::from(tls::client_config(&settings.trust)?);
-    let ctx = Arc::new(Ctx {
-        gateway: settings.gateway.clone(),
-        server_name,
-        connector,
-        connect_timeout: settings.connect_timeout,
-        timing: Timing {
-            handshake_timeout: settings.connect_timeout,
-            ..Timing::default()
-        },
-        proxies: settings.proxies.clone(),
-        metrics: metrics.clone(),
-        drain: Arc::new(crate::drain::Drain::default()),
-    });
-    if !settings.proxies.is_empty() {
+    let drain = Arc::new(crate::drain::Drain::default());
+    // One context per gateway: every service registers with each of them independently.
+    let mut contexts = Vec::new();
+    for gateway in &settings.gateways {
+        let host =
+            split_host(gateway).ok_or_else(|| AgentSetupError::BadGateway(gateway.clone()))?;
+        let name = settings
+            .server_name
+            .clone()
+            .unwrap_or_else(|| host.to_owned());
+        let server_name = match tls::server_name(&name) {
+            Ok(n) => n,
+            // Pinned and insecure trust do not look at the name, so any placeholder works.
+            Err(_)
+                if matches!(
+                    settings.trust,
+                    GatewayTrust::Fingerprint(_) | GatewayTrust::Insecure
+                ) =>
+            {
+                tls::server_name("dialback-gateway")?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        contexts.push(Arc::new(Ctx {
+            gateway: gateway.clone(),
+            server_name,
+            connector: connector.clone(),
+            connect_timeout: settings.connect_timeout,
+            timing: Timing {
+                handshake_timeout: settings.connect_timeout,
+                ..Timing::default()
+            },
+            proxies: settings.proxies.clone(),
+            metrics: metrics.clone(),
+            drain: drain.clone(),
+        }));
+        if !settings.proxies.is_empty() {
+            info!(
+                "reaching gateway {} through {} proxies: {}",
+                gateway,
+                settings.proxies.len(),
+                crate::outbound::describe(&settings.proxies)
+            );
+        }
+    }
+    if settings.gateways.len() > 1 {
         info!(
-            "reaching gateway {} through {} proxies: {}",
-            settings.gateway,
-            settings.proxies.len(),
-            crate::outbound::describe(&settings.proxies)
+            gateways = settings.gateways.join(", "),
+            "registering every service with each of {} gateways",
+            settings.gateways.len()
         );
     }
     let mut tasks = JoinSet::new();
@@ -157,30 +172,30 @@ pub async fn run_with_metrics(
         tasks.spawn(crate::admin::serve(l, routes));
     }
     for svc in settings.services.clone() {
-        let ctx = ctx.clone();
-        let (min, max) = (settings.reconnect_min, settings.reconnect_max);
-        tasks.spawn(async move {
-            let name = svc.name.clone();
-            let pw = svc.password.0.clone();
-            let key =
-                match tokio::task::spawn_blocking(move || PasswordKey::derive(&name, &pw)).await {
-                    Ok(k) => k,
-                    Err(e) => {
-                        error!(service = %svc.name, "cannot derive password key: {e}");
-                        return;
-                    }
-                };
-            service_loop(ctx, svc, key, min, max).await
-        });
+        let name = svc.name.clone();
+        let pw = svc.password.0.clone();
+        // Stretched once per service, shared by its sessions with every gateway.
+        let key = match tokio::task::spawn_blocking(move || PasswordKey::derive(&name, &pw)).await {
+            Ok(k) => k,
+            Err(e) => {
+                error!(service = %svc.name, "cannot derive password key: {e}");
+                continue;
+            }
+        };
+        for ctx in &contexts {
+            let (ctx, svc, key) = (ctx.clone(), svc.clone(), key.clone());
+            let (min, max) = (settings.reconnect_min, settings.reconnect_max);
+            tasks.spawn(async move { service_loop(ctx, svc, key, min, max).await });
+        }
     }
     shutdown.await;
     tasks.abort_all();
-    let active = ctx.drain.active();
+    let active = drain.active();
     info!(active, "shutting down: control connections closed; waiting up to {AGENT_DRAIN_TIMEOUT:?} for {active} relays to finish");
-    match tokio::time::timeout(AGENT_DRAIN_TIMEOUT, ctx.drain.idle()).await {
+    match tokio::time::timeout(AGENT_DRAIN_TIMEOUT, drain.idle()).await {
         Ok(()) => info!("drained: every relay finished"),
         Err(_) => warn!(
-            remaining = ctx.drain.active(),
+            remaining = drain.active(),
             "drain timeout passed: closing the remaining relays"
         ),
     }
@@ -237,13 +252,13 @@ async fn service_loop(
                 ..
             })
             | SessionEnd::Protocol(dialback_core::agent::AgentError::GatewayProofInvalid) => {
-                error!(service = %svc.name, "{end}; check the service password on both sides; retrying in {wait:.1?}")
+                error!(service = %svc.name, gateway = %ctx.gateway, "{end}; check the service password on both sides; retrying in {wait:.1?}")
             }
             _ if registered => {
-                warn!(service = %svc.name, "control session ended: {end}; reconnecting in {wait:.1?}")
+                warn!(service = %svc.name, gateway = %ctx.gateway, "control session ended: {end}; reconnecting in {wait:.1?}")
             }
             _ => {
-                warn!(service = %svc.name, attempt, "registration failed: {end}; retrying in {wait:.1?}")
+                warn!(service = %svc.name, gateway = %ctx.gateway, attempt, "registration failed: {end}; retrying in {wait:.1?}")
             }
         }
         tokio::time::sleep(wait).await;

@@ -1099,7 +1099,8 @@ impl GatewayMetrics {
 /// Everything counted for one agent service. Obtained with [`AgentMetrics::service`].
 pub struct AgentServiceMetrics {
     name: String,
-    registered: AtomicBool,
+    /// Live control sessions of this service (one per gateway it is registered with).
+    registered: AtomicU64,
     registrations: AtomicU64,
     registration_failures: LabelCounters,
     data: Arc<ConnCounters>,
@@ -1110,7 +1111,7 @@ impl AgentServiceMetrics {
     fn new(name: &str) -> Self {
         AgentServiceMetrics {
             name: name.to_owned(),
-            registered: AtomicBool::new(false),
+            registered: AtomicU64::new(0),
             registrations: AtomicU64::new(0),
             registration_failures: LabelCounters::new(),
             data: Arc::new(ConnCounters::default()),
@@ -1122,23 +1123,28 @@ impl AgentServiceMetrics {
         &self.name
     }
 
-    /// The gateway accepted the registration: the `registered` gauge goes to 1.
+    /// A gateway accepted the registration: one more live session.
     pub fn registered(&self) {
-        self.registered.store(true, Ordering::Relaxed);
+        self.registered.fetch_add(1, Ordering::Relaxed);
         self.registrations.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The control session ended (the `registered` gauge goes to 0); does not count a failure.
+    /// A registered control session ended; does not count a failure.
     pub fn unregistered(&self) {
-        self.registered.store(false, Ordering::Relaxed);
+        let _ = self
+            .registered
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
     }
 
     /// An attempt to register, or a registered session, ended (`connect`, `tls`, `proxy`,
-    /// `timeout`, `auth_failed`, `already_registered`, `lost`, ...). Also sets the
-    /// `registered` gauge to 0.
+    /// `timeout`, `auth_failed`, `already_registered`, `lost`, ...).
     pub fn registration_failed(&self, reason: &'static str) {
-        self.registered.store(false, Ordering::Relaxed);
         self.registration_failures.inc(reason);
+    }
+
+    /// Gateways this service is registered with right now.
+    pub fn sessions(&self) -> u64 {
+        self.registered.load(Ordering::Relaxed)
     }
 
     /// A data connection was accepted by the gateway and its relay starts: active until the
@@ -1154,7 +1160,7 @@ impl AgentServiceMetrics {
     }
 
     pub fn is_registered(&self) -> bool {
-        self.registered.load(Ordering::Relaxed)
+        self.sessions() > 0
     }
 
     pub fn registrations(&self) -> u64 {
@@ -1236,14 +1242,10 @@ impl AgentMetrics {
         e.family(
             "registered",
             "gauge",
-            "1 while the service is registered with the gateway, else 0.",
+            "Gateways the service is registered with right now (1 with a single gateway; 0: none).",
         );
         for s in svcs {
-            e.int(
-                "registered",
-                &[("service", &s.name)],
-                s.is_registered() as u64,
-            );
+            e.int("registered", &[("service", &s.name)], s.sessions());
         }
 
         e.per_service(

@@ -130,10 +130,11 @@ pub enum GatewayTrust {
 
 #[derive(Debug, Clone)]
 pub struct AgentSettings {
-    /// `host:port` of the gateway's `listen`.
-    pub gateway: String,
-    /// Name to verify in the gateway's certificate (CA and system trust); defaults to the host
-    /// part of `gateway`.
+    /// `host:port` of each gateway's `listen` (at least one). Every service registers with
+    /// every gateway independently: a fleet behind a balancer or DNS shares no state.
+    pub gateways: Vec<String>,
+    /// Name to verify in the gateways' certificates (CA and system trust); defaults to the
+    /// host part of each gateway's address.
     pub server_name: Option<String>,
     pub trust: GatewayTrust,
     pub services: Vec<AgentService>,

@@ -22,6 +22,7 @@ use super::ConfigError;
 #[serde(deny_unknown_fields)]
 struct RawAgent {
     gateway: Option<Spanned<String>>,
+    gateways: Option<Spanned<Vec<Spanned<String>>>>,
     server_name: Option<Spanned<String>>,
     fingerprint: Option<Spanned<String>>,
     ca_file: Option<Spanned<String>>,
@@ -55,15 +56,54 @@ pub fn parse(
 ) -> Result<(AgentSettings, Vec<String>), ConfigError> {
     let raw: RawAgent = src.deserialize()?;
     let mut warnings = Vec::new();
-    let Some(gateway) = raw.gateway else {
-        return Err(src.error_at(
-            None,
-            "gateway",
-            "missing: set gateway = \"host:port\" (the gateway's listen address)",
-        ));
+    let gateways = match (raw.gateway, raw.gateways) {
+        (None, None) => {
+            return Err(src.error_at(
+                None,
+                "gateway",
+                "missing: set gateway = \"host:port\" (the gateway's listen address), or \
+                 gateways = [\"host:port\", ...] to register with each gateway of a fleet",
+            ))
+        }
+        (Some(_), Some(list)) => {
+            return Err(src.error_at(
+                Some(list.span()),
+                "gateways",
+                "set either gateway or gateways, not both",
+            ))
+        }
+        (Some(gateway), None) => {
+            check_host_port(gateway.get_ref())
+                .map_err(|why| src.error_at(Some(gateway.span()), "gateway", why))?;
+            vec![gateway.into_inner()]
+        }
+        (None, Some(list)) => {
+            let span = list.span();
+            let list = list.into_inner();
+            if list.is_empty() {
+                return Err(src.error_at(
+                    Some(span),
+                    "gateways",
+                    "empty: name at least one gateway",
+                ));
+            }
+            let mut out: Vec<String> = Vec::new();
+            for (i, g) in list.into_iter().enumerate() {
+                let key = format!("gateways[{}]", i + 1);
+                check_host_port(g.get_ref())
+                    .map_err(|why| src.error_at(Some(g.span()), &key, why))?;
+                if out.contains(g.get_ref()) {
+                    return Err(src.error_at(
+                        Some(g.span()),
+                        &key,
+                        format!("{:?} is listed twice", g.get_ref()),
+                    ));
+                }
+                out.push(g.into_inner());
+            }
+            out
+        }
     };
-    check_host_port(gateway.get_ref())
-        .map_err(|why| src.error_at(Some(gateway.span()), "gateway", why))?;
     let server_name = match raw.server_name {
         None => None,
         Some(name) => {
@@ -123,7 +163,7 @@ pub fn parse(
     let services = services(src, raw.services, env, &mut warnings)?;
     Ok((
         AgentSettings {
-            gateway: gateway.into_inner(),
+            gateways,
             server_name,
             trust,
             services,

@@ -16,7 +16,6 @@ const PLANNED_KEYS: &[&str] = &[
     // Still planned for [http] only; listeners and services have it.
     "accept_proxy",
     "upstreams",
-    "gateways",
 ];
 
 pub struct Source<'a> {

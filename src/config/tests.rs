@@ -559,7 +559,7 @@ fn identity_alone_skips_passwords() {
 fn minimal_agent_gets_defaults() {
     let (s, warnings) = ag(MINIMAL_AGENT).unwrap();
     assert!(warnings.is_empty(), "{warnings:?}");
-    assert_eq!(s.gateway, "gw.example.com:7000");
+    assert_eq!(s.gateways, vec!["gw.example.com:7000".to_owned()]);
     assert_eq!(s.server_name, None);
     assert_eq!(s.trust, GatewayTrust::Fingerprint([0xab; 32]));
     assert_eq!(s.reconnect_min, DEFAULT_RECONNECT_MIN);
@@ -591,7 +591,7 @@ local = "localhost:8080"
 "#;
     let (s, warnings) = ag(text).unwrap();
     assert!(warnings.is_empty(), "{warnings:?}");
-    assert_eq!(s.gateway, "[2001:db8::1]:7000");
+    assert_eq!(s.gateways, vec!["[2001:db8::1]:7000".to_owned()]);
     assert_eq!(s.server_name.as_deref(), Some("gw.example.com"));
     assert_eq!(s.trust, GatewayTrust::System);
     assert_eq!(s.reconnect_min, Duration::from_secs(1));
@@ -682,7 +682,7 @@ fn gateway_address_needs_a_port() {
     let e = ag_err(&MINIMAL_AGENT.replace("gateway = \"gw.example.com:7000\"\n", ""));
     assert_eq!(
         e.to_string(),
-        "agent.toml: gateway: missing: set gateway = \"host:port\" (the gateway's listen address)"
+        "agent.toml: gateway: missing: set gateway = \"host:port\" (the gateway's listen address), or gateways = [\"host:port\", ...] to register with each gateway of a fleet"
     );
 }
 
@@ -722,10 +722,7 @@ fn agent_unknown_key_and_bad_duration() {
     let e = ag_err(&format!("{MINIMAL_AGENT}locale = \"x\"\n"));
     assert_eq!((e.line(), e.key()), (Some(8), Some("services.web.locale")));
     let e = ag_err(&format!("gateways = []\n{MINIMAL_AGENT}"));
-    assert!(
-        e.to_string().contains("not supported by this version yet"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("not both"), "{e}");
     let e = ag_err(&format!("connect_timeout = 10\n{MINIMAL_AGENT}"));
     assert!(e.to_string().contains("\"10s\""), "{e}");
 }
@@ -1131,4 +1128,59 @@ fn admin_listen_is_parsed_and_must_not_clash() {
     .unwrap();
     assert_eq!(a.admin_listen, Some(addr("127.0.0.1:7002")));
     assert_eq!(ag(MINIMAL_AGENT).unwrap().0.admin_listen, None);
+}
+
+#[test]
+fn gateways_fleet() {
+    let fleet = MINIMAL_AGENT.replace(
+        "gateway = \"gw.example.com:7000\"\n",
+        "gateways = [\"gw1.example.com:7000\", \"[2001:db8::2]:7000\"]\n",
+    );
+    assert_ne!(
+        fleet, MINIMAL_AGENT,
+        "the fixture has a gateway line to replace"
+    );
+    let (s, _) = ag(&fleet).unwrap();
+    assert_eq!(
+        s.gateways,
+        vec![
+            "gw1.example.com:7000".to_owned(),
+            "[2001:db8::2]:7000".to_owned()
+        ]
+    );
+    for (text, key, why) in [
+        (
+            MINIMAL_AGENT.replace(
+                "gateway = \"gw.example.com:7000\"\n",
+                "gateway = \"gw.example.com:7000\"\ngateways = [\"b:1\"]\n",
+            ),
+            "gateways",
+            "not both",
+        ),
+        (
+            MINIMAL_AGENT.replace("gateway = \"gw.example.com:7000\"\n", "gateways = []\n"),
+            "gateways",
+            "empty",
+        ),
+        (
+            MINIMAL_AGENT.replace(
+                "gateway = \"gw.example.com:7000\"\n",
+                "gateways = [\"a:1\", \"nohost\"]\n",
+            ),
+            "gateways[2]",
+            "invalid address",
+        ),
+        (
+            MINIMAL_AGENT.replace(
+                "gateway = \"gw.example.com:7000\"\n",
+                "gateways = [\"a:1\", \"a:1\"]\n",
+            ),
+            "gateways[2]",
+            "twice",
+        ),
+    ] {
+        let e = ag_err(&text);
+        assert_eq!(e.key(), Some(key), "{e}");
+        assert!(e.to_string().contains(why), "{e}");
+    }
 }
