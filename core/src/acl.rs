@@ -331,4 +331,44 @@ mod tests {
         }
         assert_eq!(Rule::parse("51.254.").unwrap().to_string(), "51.254.0.0/16");
     }
+
+    use proptest::prelude::*;
+
+    fn any_ip() -> impl Strategy<Value = IpAddr> {
+        prop_oneof![
+            any::<[u8; 4]>().prop_map(|a| IpAddr::V4(a.into())),
+            any::<[u8; 16]>().prop_map(|a| IpAddr::V6(a.into())),
+        ]
+    }
+
+    proptest! {
+        /// A CIDR rule matches exactly the addresses that share its first `bits` bits, and
+        /// prints to text that parses back to itself.
+        #[test]
+        fn cidr_matches_by_bits(net in any_ip(), ip in any_ip(), bits in 0u8..=128) {
+            let max = if net.is_ipv4() { 32 } else { 128 };
+            let bits = bits % (max + 1);
+            let addr = mask(net, bits);
+            let rule = Rule::parse(&format!("{addr}/{bits}")).unwrap();
+            prop_assert_eq!(&rule, &Rule::Net { addr, bits });
+            prop_assert_eq!(Rule::parse(&rule.to_string()).unwrap(), rule.clone());
+            let list = AllowList::new(vec![rule]);
+            let ip = canonical(ip);
+            let same_family = ip.is_ipv4() == addr.is_ipv4();
+            let expected = same_family && {
+                let (a, b) = match (ip, addr) {
+                    (IpAddr::V4(x), IpAddr::V4(y)) => (u128::from(u32::from(x)) << 96, u128::from(u32::from(y)) << 96),
+                    (IpAddr::V6(x), IpAddr::V6(y)) => (u128::from(x), u128::from(y)),
+                    _ => (0, 1),
+                };
+                bits == 0 || (a ^ b) >> (128 - u32::from(bits)) == 0
+            };
+            prop_assert_eq!(list.allows(ip, &none), expected);
+        }
+
+        #[test]
+        fn any_text_parses_or_errs_without_panicking(text in ".{0,80}") {
+            let _ = Rule::parse(&text);
+        }
+    }
 }
