@@ -22,7 +22,9 @@
 //!   the service the client asked for, with a DATA_BIND naming that client; `ClosePooled` only
 //!   for a parked connection that was not handed out; a pooled route sends no CONNECT;
 //! - after `handle_timeout(now)` with every output drained, `poll_timeout()` is `None` or
-//!   later than `now`; with outputs queued it is not later than `now`.
+//!   later than `now`; with outputs queued it is not later than `now`;
+//! - access rules: agents connect from 192.0.2.1 to .4, and `secure` (allow_from
+//!   192.0.2.0/31) only ever registers an agent from 192.0.2.1.
 //!
 //! With `DIALBACK_FUZZ_TRACE` set, every successful pairing is printed (to check that a corpus
 //! really reaches redemption).
@@ -44,6 +46,8 @@ use dialback_core::Timing;
 use libfuzzer_sys::fuzz_target;
 
 const SERVICES: [&str; 4] = ["web", "secure", "unknown", ""];
+/// Agents connect from 192.0.2.1 to .4; `secure` allows 192.0.2.0/31.
+const SECURE_AGENTS: [&str; 2] = ["192.0.2.0", "192.0.2.1"];
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
 enum Mutation {
@@ -192,7 +196,11 @@ impl H {
                     assert!(!c.resolved, "{client:?} resolved twice (ClientFailed)");
                     c.resolved = true;
                 }
-                GatewayOutput::Event(GatewayEvent::Registered { conn, service, session_id, .. }) => {
+                GatewayOutput::Event(GatewayEvent::Registered { conn, service, session_id, peer, .. }) => {
+                    // `secure` takes agents from 192.0.2.0/31 only (allow_from).
+                    if service == "secure" {
+                        assert!(SECURE_AGENTS.contains(&peer.ip().to_string().as_str()), "{peer} registered secure");
+                    }
                     let ci = self.conn_index[&conn];
                     assert!(!self.conns[ci].closed_out);
                     assert!(self.conns[ci].registered.is_none(), "registered twice");
@@ -241,7 +249,7 @@ fuzz_target!(|ops: Vec<Op>| {
             max_pending: 2,
             pool: 0,
             pool_max_idle: Duration::from_secs(50),
-            allow_from: Default::default(),
+            allow_from: dialback_core::acl::AllowList::parse(&["192.0.2.0/31"]).unwrap(),
             clients_allow: Default::default(),
             send_proxy: None,
         },
@@ -263,7 +271,6 @@ fuzz_target!(|ops: Vec<Op>| {
         parked: HashMap::new(),
         finished_pooled: HashSet::new(),
     };
-    let peer: SocketAddr = "192.0.2.1:5000".parse().unwrap();
     let mut next_id = 1u64;
     for op in ops.into_iter().take(200) {
         match op {
@@ -272,6 +279,7 @@ fuzz_target!(|ops: Vec<Op>| {
                 next_id += 1;
                 h.conn_index.insert(id, h.conns.len());
                 h.conns.push(ConnInfo { id, exporter: [exporter; 32], closed_out: false, registered: None });
+                let peer = SocketAddr::from(([192, 0, 2, 1 + exporter % 4], 5000));
                 h.gw.handle_control_open(h.now, id, peer, [exporter; 32]);
             }
             Op::Hello { conn, service, good_proof, nonce, split } => {
@@ -338,7 +346,7 @@ fuzz_target!(|ops: Vec<Op>| {
                 let idx = h.clients.len();
                 h.client_index.insert(id, idx);
                 h.clients.push(ClientInfo { id, accepted: false, resolved: false });
-                let addr = with_addr.then_some(peer);
+                let addr = with_addr.then_some(SocketAddr::from(([198, 51, 100, 7], 40000)));
                 let before = h.connects_seen;
                 h.asking = Some((idx, service.clone()));
                 let res = h.gw.handle_client(h.now, id, &service, addr, addr);
