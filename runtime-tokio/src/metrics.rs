@@ -1990,12 +1990,22 @@ pub(crate) mod tests {
         assert_eq!(web.data_connections_active(), 0);
         assert_eq!(web.data_connections_total(), 1);
         web.data_failed("local_unreachable");
+        // A lost session: it ends (unregistered) and counts as a failure.
+        web.unregistered();
         web.registration_failed("lost");
         assert!(!web.is_registered());
+        // Two gateways of a fleet: the gauge counts live sessions; a failed attempt with a
+        // third does not touch them.
         web.registered();
+        web.registered();
+        web.registration_failed("connect");
+        assert_eq!(web.sessions(), 2);
         web.unregistered();
-        assert!(!web.is_registered());
-        assert_eq!(web.registrations(), 2);
+        assert!(web.is_registered());
+        web.unregistered();
+        web.unregistered();
+        assert_eq!(web.sessions(), 0, "never below zero");
+        assert_eq!(web.registrations(), 3);
 
         let (s, types) = parse_exposition(&m.render_prometheus(Instant::now()));
         let p = |n: &str| format!("dialback_agent_{n}");
@@ -2020,7 +2030,7 @@ pub(crate) mod tests {
         assert_eq!(value(&s, &p("registered"), &[("service", "web")]), 0.0);
         assert_eq!(
             value(&s, &p("registrations_total"), &[("service", "web")]),
-            2.0
+            3.0
         );
         assert_eq!(
             value(
@@ -2028,7 +2038,7 @@ pub(crate) mod tests {
                 &p("registration_failures_total"),
                 &[("service", "web"), ("reason", "connect")]
             ),
-            2.0
+            3.0
         );
         assert_eq!(
             value(
