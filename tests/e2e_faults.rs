@@ -540,7 +540,6 @@ fn limit_open_files(pid: u32, n: usize) {
 }
 
 #[test]
-#[ignore = "known bug: a relay that cannot take a pipe once bytes move resets its connection"]
 fn descriptor_pressure_never_resets_an_established_connection() {
     let dir = Dir::new();
     let conf = gateway_conf(&dir, "127.0.0.1:0", &[("echo", "pool = 0\n")]);

@@ -78,21 +78,48 @@ pub async fn relay(
             return Ok((ab, ba + early));
         }
     };
-    if let Some(plane) = DATA_PLANE.get() {
-        let (ab, ba) = plane.relay(a, &plain, tally_ab, tally_ba).await?;
-        return Ok((ab, ba + early));
+    let r = if let Some(plane) = DATA_PLANE.get() {
+        plane.relay(a, &plain, tally_ab, tally_ba).await
+    } else {
+        match splice::Pipes::new() {
+            Ok(pipes) => splice::relay(a, &plain, pipes, tally_ab, tally_ba).await,
+            Err(e) => {
+                debug!("no pipes for splice ({e}); copying through user space");
+                let mut plain = plain;
+                let r = copy(a, &mut plain, tally_ab, tally_ba).await;
+                if r.is_err() {
+                    abort(a);
+                    abort(&plain);
+                }
+                return r.map(|(ab, ba)| (ab, ba + early));
+            }
+        }
+    };
+    if r.is_err() {
+        // Both ends learn that the stream broke: a reset, not a FIN that would pass a
+        // truncated stream off as complete.
+        abort(a);
+        abort(&plain);
     }
-    match splice::Pipes::new() {
-        Ok(pipes) => {
-            let (ab, ba) = splice::relay(a, &plain, pipes, tally_ab, tally_ba).await?;
-            Ok((ab, ba + early))
-        }
-        Err(e) => {
-            debug!("no pipes for splice ({e}); copying through user space");
-            let mut plain = plain;
-            let (ab, ba) = copy(a, &mut plain, tally_ab, tally_ba).await?;
-            Ok((ab, ba + early))
-        }
+    r.map(|(ab, ba)| (ab, ba + early))
+}
+
+/// Makes the coming close send a reset (SO_LINGER 0).
+fn abort(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt with a valid linger struct on a socket `s` holds open.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
     }
 }
 

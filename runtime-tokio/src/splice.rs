@@ -12,6 +12,7 @@ use std::sync::Mutex;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+use tracing::debug;
 
 /// Bytes moved per splice call; also the pipe capacity we ask for.
 pub const CHUNK: usize = 1 << 20;
@@ -126,10 +127,32 @@ async fn one_way(
 ) -> io::Result<u64> {
     let mut total = 0u64;
     let mut eof = false;
+    // Used only while no pipe can be had (out of descriptors): the direction then copies
+    // through this buffer instead of failing the connection.
+    let mut fallback: Option<Vec<u8>> = None;
     loop {
         let pipe = match slot {
             Some(p) => p,
-            None => slot.insert(Pipe::take()?),
+            None => match Pipe::take() {
+                Ok(p) => slot.insert(p),
+                Err(e) => {
+                    let buf = fallback.get_or_insert_with(|| {
+                        debug!("no pipe for a relay ({e}); copying through user space");
+                        vec![0u8; FALLBACK_BUF]
+                    });
+                    match copy_once(from, to, buf).await? {
+                        0 => {
+                            shutdown_write(to);
+                            return Ok(total);
+                        }
+                        n => {
+                            total += n as u64;
+                            tally(n as u64);
+                        }
+                    }
+                    continue;
+                }
+            },
         };
         let mut moved = false;
         // Fill the pipe from the source. EAGAIN from splice means "socket empty" or "pipe
@@ -185,6 +208,30 @@ async fn one_way(
             from.readable().await?;
         }
     }
+}
+
+/// Size of the buffer a direction copies through when it cannot get a pipe.
+const FALLBACK_BUF: usize = 16 * 1024;
+
+/// Reads what `from` has (waiting for it if need be) and writes all of it to `to`. Returns the
+/// bytes moved; 0 at EOF.
+async fn copy_once(from: &TcpStream, to: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let n = loop {
+        match from.try_read(buf) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => from.readable().await?,
+            Err(e) => return Err(e),
+        }
+    };
+    let mut done = 0;
+    while done < n {
+        match to.try_write(&buf[done..n]) {
+            Ok(m) => done += m,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 /// The two pipes of one relay. Created before relaying so that a failure to get pipes (fd

@@ -18,17 +18,25 @@ use crate::Job;
 const POLLIN: u32 = libc::POLLIN as u32;
 const POLLOUT: u32 = libc::POLLOUT as u32;
 
-pub(crate) async fn run_job(job: Job) {
-    let r = relay(job.a.as_raw_fd(), job.b.as_raw_fd(), &job.progress).await;
+pub(crate) async fn run_job(mut job: Job) {
+    let pipes = (job.pipes.0.take(), job.pipes.1.take());
+    let r = relay(job.a.as_raw_fd(), job.b.as_raw_fd(), pipes, &job.progress)
+        .await
+        .map(|(ab, ba)| (ab + job.early.0, ba + job.early.1));
     let Job { a, b, done, .. } = job;
     // Close our duplicates before reporting, so the caller's close really ends the sockets.
     drop((a, b));
     let _ = done.send(r);
 }
 
-async fn relay(a: RawFd, b: RawFd, progress: &crate::Progress) -> io::Result<(u64, u64)> {
-    let mut ab = None;
-    let mut ba = None;
+async fn relay(
+    a: RawFd,
+    b: RawFd,
+    pipes: (Option<Pipe>, Option<Pipe>),
+    progress: &crate::Progress,
+) -> io::Result<(u64, u64)> {
+    // A pipe from the first pass may still hold bytes: one_way delivers them first.
+    let (mut ab, mut ba) = pipes;
     let r = TryJoin {
         a: Some(Box::pin(one_way(a, b, &mut ab, &progress.ab))),
         b: Some(Box::pin(one_way(b, a, &mut ba, &progress.ba))),
@@ -52,10 +60,29 @@ async fn one_way(
 ) -> io::Result<u64> {
     let mut total = 0u64;
     let mut eof = false;
+    // Used only while no pipe can be had (out of descriptors): the direction then copies
+    // through this buffer instead of failing the connection.
+    let mut fallback: Option<Vec<u8>> = None;
     loop {
         let pipe = match slot {
             Some(p) => p,
-            None => slot.insert(Pipe::take()?),
+            None => match Pipe::take() {
+                Ok(p) => slot.insert(p),
+                Err(_) => {
+                    let buf = fallback.get_or_insert_with(|| vec![0u8; 16 * 1024]);
+                    match copy_once(from, to, buf).await? {
+                        0 => {
+                            shutdown_write_fd(to);
+                            return Ok(total);
+                        }
+                        n => {
+                            total += n as u64;
+                            moved.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                    }
+                    continue;
+                }
+            },
         };
         let mut progress = false;
         if !eof {
@@ -99,6 +126,51 @@ async fn one_way(
             readiness(from, POLLIN).await?;
         }
     }
+}
+
+fn sys(n: isize) -> io::Result<usize> {
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Reads what `from` has (waiting on the ring if need be) and writes all of it to `to`.
+/// Returns the bytes moved; 0 at EOF.
+async fn copy_once(from: RawFd, to: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    let n = loop {
+        // SAFETY: a non-blocking read into a buffer we own, on a socket we hold open.
+        match sys(unsafe {
+            libc::recv(from, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT)
+        }) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                readiness(from, POLLIN).await?;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let mut done = 0;
+    while done < n {
+        let rest = &buf[done..n];
+        // SAFETY: a non-blocking send from a buffer we own, on a socket we hold open.
+        match sys(unsafe {
+            libc::send(
+                to,
+                rest.as_ptr().cast(),
+                rest.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        }) {
+            Ok(m) => done += m,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                readiness(to, POLLOUT).await?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 type Dir<'a> = Pin<Box<dyn Future<Output = io::Result<u64>> + 'a>>;
