@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use dialback_tokio::relay::{DataPlane, RelayFuture};
 use dialback_tokio::splice::Tally;
+use dialback_tokio::splice::{recycle, splice, Pipe, CHUNK};
 use tokio::net::TcpStream;
 
 /// Bytes delivered so far in each direction, written by the loop, read by the waiting task.
@@ -32,10 +33,14 @@ pub(crate) struct Progress {
     pub(crate) ba: AtomicU64,
 }
 
-/// One relay handed to a loop: its own duplicates of both sockets.
+/// One relay handed to a loop: its own duplicates of both sockets, and the pipes of the first
+/// pass made before the hand-over (holding bytes not yet delivered, if any).
 pub(crate) struct Job {
     pub(crate) a: OwnedFd,
     pub(crate) b: OwnedFd,
+    pub(crate) pipes: (Option<Pipe>, Option<Pipe>),
+    /// Bytes the first pass delivered (a→b, b→a).
+    pub(crate) early: (u64, u64),
     pub(crate) progress: Arc<Progress>,
     pub(crate) done: tokio::sync::oneshot::Sender<io::Result<(u64, u64)>>,
 }
@@ -104,6 +109,48 @@ impl UringDataPlane {
     }
 }
 
+/// One non-blocking pass `from` → `to` before the relay is handed over, so bytes that are
+/// already waiting (a client's request, typically) do not wait for the loop to wake up.
+/// Returns the pipe if it still holds bytes the destination did not take yet, and the bytes
+/// delivered. An error (a reset, say) ends the relay here, as it would in the loop: a socket
+/// reports its error once, so it must not be swallowed.
+fn first_pass(from: &OwnedFd, to: &OwnedFd) -> io::Result<(Option<Pipe>, u64)> {
+    let Ok(mut pipe) = Pipe::take() else {
+        return Ok((None, 0));
+    };
+    match splice(from.as_raw_fd(), pipe.write_fd(), CHUNK) {
+        Ok(n) if n > 0 => pipe.pending = n,
+        // EOF is seen again by the loop, which passes it on.
+        Ok(_) => {
+            recycle(pipe);
+            return Ok((None, 0));
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            recycle(pipe);
+            return Ok((None, 0));
+        }
+        Err(e) => {
+            recycle(pipe);
+            return Err(e);
+        }
+    }
+    let moved = match splice(pipe.read_fd(), to.as_raw_fd(), pipe.pending) {
+        Ok(m) => {
+            pipe.pending -= m;
+            m as u64
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+        // The pipe holds bytes of this connection: dropping it closes it.
+        Err(e) => return Err(e),
+    };
+    if pipe.pending == 0 {
+        recycle(pipe);
+        Ok((None, moved))
+    } else {
+        Ok((Some(pipe), moved))
+    }
+}
+
 fn dup(s: &TcpStream) -> io::Result<OwnedFd> {
     // SAFETY: F_DUPFD_CLOEXEC on a socket the caller keeps open during this call.
     let fd = unsafe { libc::fcntl(s.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
@@ -129,11 +176,17 @@ impl DataPlane for UringDataPlane {
         let fds = dup(a).and_then(|a| Ok((a, dup(b)?)));
         Box::pin(async move {
             let (a, b) = fds?;
+            let (pipe_ab, early_ab) = first_pass(&a, &b)?;
+            let (pipe_ba, early_ba) = first_pass(&b, &a)?;
             let progress = Arc::new(Progress::default());
+            progress.ab.store(early_ab, Ordering::Relaxed);
+            progress.ba.store(early_ba, Ordering::Relaxed);
             let (done, mut result) = tokio::sync::oneshot::channel();
             self.submit(Job {
                 a,
                 b,
+                pipes: (pipe_ab, pipe_ba),
+                early: (early_ab, early_ba),
                 progress: progress.clone(),
                 done,
             })?;
