@@ -35,7 +35,7 @@ pub fn allow_list(
                 Some(text.span()),
                 key,
                 format!(
-                    "{:?}: {} (use \"*\", an address, a CIDR block like \"10.0.0.0/8\", a prefix like \"51.254.\" or a DNS name)",
+                    "{:?}: {}; a rule is \"*\", an address, a CIDR block like \"10.0.0.0/8\", a prefix like \"51.254.\" or a DNS name",
                     text.get_ref(),
                     e.why
                 ),
