@@ -337,19 +337,48 @@ fn a_thousand_idle_half_open_connections_neither_stop_clients_nor_outlive_their_
 }
 
 #[test]
-fn handshake_slots_are_capped_and_free_up() {
+fn handshake_slots_are_capped_per_address_and_in_all_and_free_up() {
     let dir = Dir::new();
-    let gw = gateway(&dir, "max_handshakes = 32\n", "");
-    let idle: Vec<TcpStream> = (0..32)
-        .map(|_| TcpStream::connect(gw.listen).unwrap())
-        .collect();
-    // Every slot is taken: the next connection is closed at once, and that is said once.
-    let mut extra = TcpStream::connect(gw.listen).unwrap();
-    read_until_closed(&mut extra, WAIT);
-    gw.proc.wait_for("saturation warning", WAIT, |l| {
-        message_contains(l, "every handshake slot is taken")
+    // A long handshake_timeout, so that no idle connection gives its slot back on its own.
+    let config = dir.write(
+        "gateway.toml",
+        &format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = \"state\"\nhandshake_timeout = \"30s\"\nmax_handshakes = 32\n[services.web]\npassword = \"{PW}\"\ntcp_listen = \"127.0.0.1:0\"\n"
+        ),
+    );
+    let gw = RunningGateway::start(&config);
+    // Connections from chosen loopback addresses (all of 127/8 is local).
+    let from = |src: [u8; 4]| -> TcpStream {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let s = rt.block_on(async {
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.bind(std::net::SocketAddr::from((src, 0))).unwrap();
+            sock.connect(gw.listen).await.unwrap().into_std().unwrap()
+        });
+        s.set_nonblocking(false).unwrap();
+        s
+    };
+    // One address gets a quarter of the 32 slots: its 9th connection is closed at once.
+    let mut idle: Vec<TcpStream> = (0..8).map(|_| from([127, 0, 0, 1])).collect();
+    let mut ninth = from([127, 0, 0, 1]);
+    // (Well before handshake_timeout: refused, not timed out.)
+    read_until_closed(&mut ninth, Duration::from_secs(10));
+    gw.proc.wait_for("per-address refusal", WAIT, |l| {
+        message_contains(l, "share of the handshake slots") && l.contains("127.0.0.1:")
     });
-    // The slots free up at handshake_timeout; then an agent registers as usual.
+    // Three more addresses fill the rest; then even a fresh address is closed at once.
+    for last in 2..=4 {
+        idle.extend((0..8).map(|_| from([127, 0, 0, last])));
+    }
+    let mut extra = from([127, 0, 0, 5]);
+    read_until_closed(&mut extra, Duration::from_secs(10));
+    gw.proc.wait_for("global refusal", WAIT, |l| {
+        message_contains(l, "every handshake slot is taken") && l.contains("127.0.0.5:")
+    });
+    // Closed connections give their slots back; then an agent registers as usual.
     drop(idle);
     let _agent = agent(&dir, &gw, "agent.toml", PW, "");
     gw.wait_registered("web", 1);

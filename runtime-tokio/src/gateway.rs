@@ -117,6 +117,9 @@ pub(crate) struct Shared {
     saturated: Mutex<(Option<Instant>, u64)>,
     /// When each access-rule DNS name was last resolved (only names in rules: bounded).
     resolved_at: Mutex<HashMap<String, Instant>>,
+    /// Handshake slots held per address, and the most one address may hold.
+    per_address: Mutex<HashMap<std::net::IpAddr, usize>>,
+    max_per_address: usize,
     /// Public clients being served; shutdown waits for them.
     pub(crate) drain: Arc<crate::drain::Drain>,
     drain_timeout: Duration,
@@ -347,6 +350,8 @@ impl BoundGateway {
             handshakes: Arc::new(tokio::sync::Semaphore::new(settings.max_handshakes)),
             saturated: Mutex::new((None, 0)),
             resolved_at: Mutex::new(HashMap::new()),
+            per_address: Mutex::new(HashMap::new()),
+            max_per_address: (settings.max_handshakes / 4).max(1),
             drain: Arc::new(crate::drain::Drain::default()),
             drain_timeout: settings.drain_timeout,
         });
@@ -491,31 +496,79 @@ async fn agent_accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
-/// A slot among the connections allowed in their handshake at once (`max_handshakes`), or
-/// `None` when all are taken: the connection is then closed at once, so a flood of idle
-/// connections cannot hold more than that many sockets.
-fn handshake_slot(
-    shared: &Shared,
-    peer: SocketAddr,
-    on: &str,
-) -> Option<tokio::sync::OwnedSemaphorePermit> {
-    const WARN_EVERY: Duration = Duration::from_secs(10);
-    match shared.handshakes.clone().try_acquire_owned() {
-        Ok(slot) => Some(slot),
-        Err(_) => {
-            shared.metrics.handshake_dropped("overloaded");
-            let mut s = shared.saturated.lock().unwrap_or_else(|p| p.into_inner());
-            s.1 += 1;
-            let now = Instant::now();
-            if s.0.is_none_or(|t| now.duration_since(t) >= WARN_EVERY) {
-                let refused = std::mem::take(&mut s.1);
-                s.0 = Some(now);
-                warn!(%peer, refused, "every handshake slot is taken (max_handshakes): closing new connections on the {on} at once ({refused} since the last warning)");
-            } else {
-                debug!(%peer, "connection on the {on} closed: every handshake slot is taken");
+/// One of the `max_handshakes` slots, held by a connection until its handshake is over. One
+/// address holds at most a quarter of them, so a flood from one address cannot lock out the
+/// others.
+pub(crate) struct HandshakeSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    shared: Arc<Shared>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut per = self
+            .shared
+            .per_address
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = per.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&self.ip);
             }
-            None
         }
+    }
+}
+
+/// A handshake slot for a connection from `peer`, or `None` when every slot is taken, or a
+/// quarter of them by `peer`'s address: the connection is then closed at once, so a flood of
+/// idle connections cannot hold more than that many sockets.
+fn handshake_slot(shared: &Arc<Shared>, peer: SocketAddr, on: &str) -> Option<HandshakeSlot> {
+    const WARN_EVERY: Duration = Duration::from_secs(10);
+    let ip = peer.ip();
+    let refused = |why: &'static str, what: &str| {
+        shared.metrics.handshake_dropped(why);
+        let mut s = shared.saturated.lock().unwrap_or_else(|p| p.into_inner());
+        s.1 += 1;
+        let now = Instant::now();
+        if s.0.is_none_or(|t| now.duration_since(t) >= WARN_EVERY) {
+            let refused = std::mem::take(&mut s.1);
+            s.0 = Some(now);
+            warn!(%peer, refused, "{what}: closing new connections on the {on} at once ({refused} since the last warning)");
+        } else {
+            debug!(%peer, "connection on the {on} closed: {what}");
+        }
+        None
+    };
+    // Both counts move under one lock, so concurrent accept loops cannot overshoot either.
+    let outcome = {
+        let mut per = shared.per_address.lock().unwrap_or_else(|p| p.into_inner());
+        if per.get(&ip).is_some_and(|n| *n >= shared.max_per_address) {
+            Err((
+                "address_overloaded",
+                "this address holds its share of the handshake slots (a quarter of max_handshakes)",
+            ))
+        } else {
+            match shared.handshakes.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    *per.entry(ip).or_insert(0) += 1;
+                    Ok(permit)
+                }
+                Err(_) => Err((
+                    "overloaded",
+                    "every handshake slot is taken (max_handshakes)",
+                )),
+            }
+        }
+    };
+    match outcome {
+        Ok(permit) => Some(HandshakeSlot {
+            _permit: permit,
+            shared: shared.clone(),
+            ip,
+        }),
+        Err((why, what)) => refused(why, what),
     }
 }
 
@@ -598,12 +651,7 @@ async fn classify(stream: &mut MaybeTls, tls: bool) -> Result<(Classified, Vec<u
     }
 }
 
-async fn agent_conn(
-    shared: Arc<Shared>,
-    mut tcp: TcpStream,
-    via: SocketAddr,
-    slot: tokio::sync::OwnedSemaphorePermit,
-) {
+async fn agent_conn(shared: Arc<Shared>, mut tcp: TcpStream, via: SocketAddr, slot: HandshakeSlot) {
     let timeout = shared.handshake_timeout;
     // A balancer's health check (a LOCAL header, then close) is routine, not worth a warning.
     let mut health_check = false;
