@@ -232,31 +232,42 @@ fn parse_v2(buf: &[u8]) -> Result<Option<Parsed>, ProxyError> {
     if len > MAX_V2_BLOCK {
         return Err(ProxyError::V2TooLong(len));
     }
+    let total = V2_FIXED + len;
+    if cmd == CMD_LOCAL {
+        // The sender's own connection: the spec has the receiver discard the whole block,
+        // family included, and use the socket's addresses.
+        if buf.len() < total {
+            return Ok(None);
+        }
+        return Ok(Some(Parsed {
+            version: Version::V2,
+            header: ProxyHeader::Local,
+            consumed: total,
+        }));
+    }
     let family = fam >> 4;
     let proto = fam & 0x0f;
     if family > FAM_UNIX || proto > PROTO_DGRAM {
         return Err(ProxyError::V2Family(fam));
     }
-    let need = match family {
-        FAM_INET => INET_BLOCK,
-        FAM_INET6 => INET6_BLOCK,
-        FAM_UNIX => 216,
+    let need = match (family, proto) {
+        (FAM_INET, PROTO_STREAM) => INET_BLOCK,
+        (FAM_INET6, PROTO_STREAM) => INET6_BLOCK,
         _ => 0,
     };
-    // LOCAL headers may carry any family; their addresses are ignored, but the length must
-    // still hold them when the family says there are some.
     if len < need {
         return Err(ProxyError::V2Short { len, need });
     }
-    let total = V2_FIXED + len;
     if buf.len() < total {
         return Ok(None);
     }
     let block = &buf[V2_FIXED..total];
-    check_tlvs(&block[need..], V2_FIXED + need)?;
-    let header = if cmd == CMD_LOCAL {
-        ProxyHeader::Local
-    } else {
+    // TLVs are checked where addresses are used; a block without usable addresses (UNSPEC,
+    // UNIX, datagrams) is discarded whole.
+    if need > 0 {
+        check_tlvs(&block[need..], V2_FIXED + need)?;
+    }
+    let header = {
         match (family, proto) {
             (FAM_INET, PROTO_STREAM) => {
                 let ip =
@@ -515,6 +526,11 @@ mod tests {
         assert_eq!(full(&v2(0x20, 0x00, &[])).header, ProxyHeader::Local);
         // LOCAL with addresses (HAProxy health checks may send them): ignored.
         assert_eq!(full(&v2(0x20, 0x11, &[0; 12])).header, ProxyHeader::Local);
+        // LOCAL discards the block whatever its family says, even one too short for it.
+        assert_eq!(full(&v2(0x20, 0x41, &[1, 2, 3])).header, ProxyHeader::Local);
+        assert_eq!(full(&v2(0x20, 0x21, &[])).header, ProxyHeader::Local);
+        // Without usable addresses the block is discarded too, TLV-shaped or not.
+        assert_eq!(full(&v2(0x21, 0x00, &[9, 9])).header, ProxyHeader::Unknown);
         assert_eq!(full(&v2(0x21, 0x00, &[])).header, ProxyHeader::Unknown);
         assert_eq!(
             full(&v2(0x21, 0x31, &[0; 216])).header,

@@ -87,6 +87,8 @@ ok("v2 tcp4 with ALPN, NOOP and AWS TLVs", v2(1, 0x11, blk + tlvs), 2, "proxy", 
    "10.0.0.1:1234", "10.0.0.2:443")
 ok("v2 local", v2(0, 0x00, b""), 2, "local", 16)
 ok("v2 local with addresses", v2(0, 0x11, blk), 2, "local", 28)
+ok("v2 local: block discarded whatever the family", v2(0, 0x41, b"\x01\x02\x03"), 2, "local", 19)
+ok("v2 proxy unspec with a non-TLV block", v2(1, 0x00, b"\x09\x09"), 2, "unknown", 18)
 ok("v2 proxy unspec", v2(1, 0x00, b""), 2, "unknown", 16)
 ok("v2 proxy unix", v2(1, 0x31, b"\x00" * 216), 2, "unknown", 232)
 ok("v2 proxy udp4", v2(1, 0x12, blk), 2, "unknown", 28)
