@@ -199,3 +199,74 @@ fn haproxy_send_proxy_in_front_of_the_gateway() {
         l.contains("PROXY header") && l.contains("expected a PROXY protocol header")
     });
 }
+
+/// HAProxy with send-proxy-v2 in front of the HTTP entry point, connecting from 127.0.0.2:
+/// the service sees the real client (127.0.0.1) in X-Forwarded-For, and `clients_allow`
+/// decides on that address (403 for a service that does not allow it).
+#[test]
+fn haproxy_send_proxy_in_front_of_the_http_entry_point() {
+    let report = free_port();
+    let _reporter = Server::haproxy(
+        &format!(
+            "frontend report\n  mode http\n  bind 127.0.0.1:{report}\n  http-request return status 200 content-type text/plain lf-string \"%[req.hdr(x-forwarded-for)]\"\n"
+        ),
+        &[report],
+    );
+    let dir = Dir::new();
+    let gw = gateway(
+        &dir,
+        "[http]\nlisten = \"127.0.0.1:0\"\naccept_proxy = true\n",
+        "[services.open]\npassword = \"pp-v1-secret-0123\"\nclients_allow = [\"127.0.0.1\"]\n\n[services.closed]\npassword = \"pp-v2-secret-0123\"\nclients_allow = [\"10.0.0.0/8\"]\n",
+    );
+    let http: SocketAddr = {
+        let l = gw.proc.wait_for("HTTP listener", STARTUP, |l| {
+            message_is(l, "listening for HTTP clients")
+        });
+        field(&l, "addr").unwrap().parse().unwrap()
+    };
+    let front = free_port();
+    let _front = Server::haproxy(
+        &format!(
+            "listen http_front\n  mode tcp\n  bind 127.0.0.1:{front}\n  server gw {http} send-proxy-v2 source 127.0.0.2\n"
+        ),
+        &[front],
+    );
+    let _agent = agent(
+        &dir,
+        gw.listen,
+        &gw.fingerprint,
+        &[("open", PW1, report, "off"), ("closed", PW2, report, "off")],
+    );
+    let request = |path: &str| -> (u16, String) {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let mut s = TcpStream::connect(("127.0.0.1", front)).unwrap();
+            s.set_read_timeout(Some(WAIT)).unwrap();
+            s.write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .unwrap();
+            let mut out = Vec::new();
+            let _ = s.read_to_end(&mut out);
+            let text = String::from_utf8_lossy(&out).into_owned();
+            let status: u16 = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+            // 502 while the agent is still registering.
+            if status != 502 || std::time::Instant::now() >= deadline {
+                let body = text
+                    .split_once("\r\n\r\n")
+                    .map(|(_, b)| b.trim().to_owned())
+                    .unwrap_or_default();
+                return (status, body);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    assert_eq!(request("/~~open/"), (200, "127.0.0.1".to_owned()));
+    let (status, body) = request("/~~closed/");
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains("127.0.0.1") && body.contains("clients_allow"),
+        "{body}"
+    );
+}

@@ -54,6 +54,8 @@ pub(crate) struct Front {
     /// A data connection that fails after this long failed for lack of time: 504, not 502.
     token_ttl: Duration,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Connections start with a PROXY protocol header from a front balancer.
+    accept_proxy: bool,
 }
 
 /// The HTTP entry point with its listeners bound.
@@ -112,6 +114,7 @@ pub(crate) async fn bind(
             handshake_timeout,
             token_ttl,
             tls,
+            accept_proxy: settings.accept_proxy,
         }),
         plain,
         tls: tls_listener,
@@ -199,14 +202,27 @@ async fn client(
     shared: Arc<Shared>,
     metrics: Arc<GatewayMetrics>,
     front: Arc<Front>,
-    tcp: TcpStream,
+    mut tcp: TcpStream,
     peer: SocketAddr,
     https: bool,
 ) {
-    let public = tcp.local_addr().ok();
+    let mut public = tcp.local_addr().ok();
+    let peer = if front.accept_proxy {
+        match crate::proxy_header::read(&mut tcp, peer, front.handshake_timeout).await {
+            Ok(origin) => {
+                public = origin.destination.or(public);
+                origin.client
+            }
+            Err(e) => {
+                info!(%peer, "HTTP client dropped: PROXY header: {e}");
+                return;
+            }
+        }
+    } else {
+        peer
+    };
     let stream = match (&front.tls, https) {
         (Some(acceptor), true) => {
-            let mut tcp = tcp;
             let mut first = [0u8; 1];
             let peeked = tokio::time::timeout(front.handshake_timeout, tcp.peek(&mut first)).await;
             if matches!(peeked, Ok(Ok(1))) && first[0] != TLS_HANDSHAKE_RECORD {
@@ -519,6 +535,10 @@ impl Conn {
     /// A fresh data connection to `service`, or the client is answered why not.
     async fn open(&mut self, service: &str) -> Option<Backend> {
         let started = Instant::now();
+        if let Err(why) = crate::gateway::client_verdict(&self.shared, service, self.peer).await {
+            self.refuse(403, &why).await;
+            return None;
+        }
         match open_data(&self.shared, service, self.peer, self.public).await {
             Ok(DataConn { stream, early }) => {
                 let (rd, wr) = tokio::io::split(stream);

@@ -67,6 +67,8 @@ pub struct HttpSettings {
     pub response_timeout: Duration,
     /// Largest request head in bytes (431 above).
     pub max_head: usize,
+    /// Connections on both ports start with a PROXY protocol header from a front balancer.
+    pub accept_proxy: bool,
 }
 
 #[derive(Debug, Clone)]

@@ -36,6 +36,8 @@ pub(super) struct RawHttp {
     idle_timeout: Option<Spanned<RawDuration>>,
     response_timeout: Option<Spanned<RawDuration>>,
     max_head: Option<Spanned<i64>>,
+    #[serde(default)]
+    accept_proxy: bool,
 }
 
 /// One `[[http.certs]]` entry.
@@ -211,6 +213,7 @@ pub(super) fn section(
         idle_timeout,
         response_timeout,
         max_head,
+        accept_proxy: raw.get_ref().accept_proxy,
     })
 }
 

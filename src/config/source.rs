@@ -13,8 +13,6 @@ use super::ConfigError;
 /// Keys from the design that this version does not implement yet; an unknown-field error on
 /// one of them says so instead of looking like a typo.
 const PLANNED_KEYS: &[&str] = &[
-    // Still planned for [http] only; listeners and services have it.
-    "accept_proxy",
     "upstreams",
 ];
 
