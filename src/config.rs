@@ -124,6 +124,17 @@ pub fn load_gateway(path: &Path) -> Result<(GatewaySettings, Vec<String>), Confi
     gateway::parse(&src, &process_env)
 }
 
+/// Parses config text as if read from `path`, as a gateway or an agent config by
+/// [`detect_kind`], with no environment variables set (for the config fuzz target).
+pub fn parse_text(path: &Path, text: &str) -> Result<(AnyConfig, Vec<String>), ConfigError> {
+    let src = Source::new(path, text);
+    let no_env = |_: &str| None;
+    match detect_kind(text) {
+        ConfigKind::Gateway => gateway::parse(&src, &no_env).map(|(s, w)| (AnyConfig::Gateway(s), w)),
+        ConfigKind::Agent => agent::parse(&src, &no_env).map(|(s, w)| (AnyConfig::Agent(s), w)),
+    }
+}
+
 /// Loads an agent config. Returns the settings and warnings worth showing the operator.
 pub fn load_agent(path: &Path) -> Result<(AgentSettings, Vec<String>), ConfigError> {
     let text = read(path)?;
