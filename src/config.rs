@@ -132,7 +132,9 @@ pub fn parse_text(path: &Path, text: &str) -> Result<(AnyConfig, Vec<String>), C
     let src = Source::new(path, text);
     let no_env = |_: &str| None;
     match detect_kind(text) {
-        ConfigKind::Gateway => gateway::parse(&src, &no_env).map(|(s, w)| (AnyConfig::Gateway(s), w)),
+        ConfigKind::Gateway => {
+            gateway::parse(&src, &no_env).map(|(s, w)| (AnyConfig::Gateway(s), w))
+        }
         ConfigKind::Agent => agent::parse(&src, &no_env).map(|(s, w)| (AnyConfig::Agent(s), w)),
     }
 }
