@@ -922,19 +922,13 @@ fn park(
 /// A duplicate of the connection's socket, registered with the runtime on its own, for the
 /// watcher to wait on while the original stays parked.
 fn watch_fd(stream: &MaybeTls) -> io::Result<TcpStream> {
-    use std::os::fd::{AsRawFd, FromRawFd};
-    let fd = match stream {
-        MaybeTls::Plain(s) => s.as_raw_fd(),
-        MaybeTls::ServerTls(s) => s.get_ref().0.as_raw_fd(),
+    use std::os::fd::AsFd;
+    let tcp = match stream {
+        MaybeTls::Plain(s) => s,
+        MaybeTls::ServerTls(s) => s.get_ref().0,
         _ => return Err(io::Error::other("not a gateway-side data connection")),
     };
-    // SAFETY: dup on a socket fd owned by `stream`, which outlives this call.
-    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-    if dup < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `dup` is a fresh descriptor that nothing else owns.
-    let std = unsafe { std::net::TcpStream::from_raw_fd(dup) };
+    let std = std::net::TcpStream::from(tcp.as_fd().try_clone_to_owned()?);
     std.set_nonblocking(true)?;
     TcpStream::from_std(std)
 }

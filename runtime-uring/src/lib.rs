@@ -16,7 +16,7 @@ mod executor;
 mod relay;
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
@@ -152,13 +152,7 @@ fn first_pass(from: &OwnedFd, to: &OwnedFd) -> io::Result<(Option<Pipe>, u64)> {
 }
 
 fn dup(s: &TcpStream) -> io::Result<OwnedFd> {
-    // SAFETY: F_DUPFD_CLOEXEC on a socket the caller keeps open during this call.
-    let fd = unsafe { libc::fcntl(s.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor owned by nothing else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    s.as_fd().try_clone_to_owned()
 }
 
 /// How often live traffic counters are brought up to date while a relay runs.
