@@ -2,45 +2,14 @@
 //! connection pair in steady state. Relaying 8x more bytes must not allocate more: whatever the
 //! relay allocates is per connection (task, pipes), never per chunk moved.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicU64, Ordering};
+#[path = "support/counting_alloc.rs"]
+mod counting_alloc;
 
+use counting_alloc::{allocations, pair};
 use dialback_tokio::relay::relay;
 use dialback_tokio::stream::MaybeTls;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-
-struct Counting;
-
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: forwards to the system allocator unchanged; only counts calls.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: same contract as the caller's.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as the caller's.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: same contract as the caller's.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
-async fn pair() -> (TcpStream, TcpStream) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-    let (s, _) = l.accept().await.unwrap();
-    (c, s)
-}
 
 /// Relays `chunks` chunks of 16 KiB in lockstep (each one is read by the consumer before the
 /// next is written, so every chunk is a separate splice through the relay); returns the
@@ -65,13 +34,13 @@ async fn relay_lockstep(chunks: usize) -> (u64, u64) {
         producer.write_all(&chunk).await.unwrap();
         consumer.read_exact(&mut sink).await.unwrap();
     }
-    let before = ALLOCS.load(Ordering::Relaxed);
+    let before = allocations();
     let delivered_before = delivered.load(Ordering::Relaxed);
     for _ in 0..chunks {
         producer.write_all(&chunk).await.unwrap();
         consumer.read_exact(&mut sink).await.unwrap();
     }
-    let during = ALLOCS.load(Ordering::Relaxed) - before;
+    let during = allocations() - before;
     let moved = delivered.load(Ordering::Relaxed) - delivered_before;
     drop(producer);
     drop(consumer);
