@@ -169,7 +169,7 @@ fn allow_from_exact_cidr_prefix_and_dns_name_against_real_source_addresses() {
     // Dynamic DNS: the name now points at spoke 2. The name is resolved when a connection
     // arrives, so spoke 2's next attempt is accepted once spoke 1's session is gone.
     net.set_hub_hosts(&format!("127.0.0.1 localhost\n{a2} home.dialback.test\n"));
-    agent1.kill();
+    agent1.kill9();
     registered_from(&gw, "named", &a2);
     // Address rules are not affected by the name.
     let before = gw.count(|l| {

@@ -47,16 +47,23 @@ impl Proc {
         } else {
             &[]
         };
-        let mut child = Command::new(BIN)
-            .args(["--log-format", "json"])
+        let mut cmd = Command::new(BIN);
+        cmd.args(["--log-format", "json"])
             .args(args)
             .args(runtime)
-            .env("RUST_LOG", rust_log)
+            .env("RUST_LOG", rust_log);
+        Proc::spawn(name, cmd)
+    }
+
+    /// Runs `cmd` (any program, e.g. inside a network namespace) and collects its stdout and
+    /// stderr lines as they arrive.
+    pub fn spawn(name: &str, mut cmd: Command) -> Proc {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("spawn dialback");
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
         let lines = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
         for pipe in [
             Box::new(child.stderr.take().unwrap()) as Box<dyn Read + Send>,

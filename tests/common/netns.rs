@@ -7,15 +7,12 @@
 #![allow(dead_code)]
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
-use std::time::{Duration, Instant};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -171,12 +168,9 @@ impl Drop for Net {
     }
 }
 
-/// A process started inside a namespace, its JSON log lines collected as they arrive.
-pub struct NsProc {
-    pub name: String,
-    child: Child,
-    lines: Arc<(Mutex<Vec<String>>, Condvar)>,
-}
+/// A process started inside a namespace, its JSON log lines collected as they arrive: the
+/// suite's [`crate::common::Proc`], started through `ip netns exec`.
+pub type NsProc = crate::common::Proc;
 
 impl NsProc {
     /// `dialback ARGS` inside `ns`, with JSON logs.
@@ -188,94 +182,5 @@ impl NsProc {
         }
         cmd.env("RUST_LOG", "info,dialback_tokio=debug");
         NsProc::spawn(name, cmd)
-    }
-
-    pub fn spawn(name: &str, mut cmd: Command) -> NsProc {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn in namespace");
-        let lines = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
-        for pipe in [
-            Box::new(child.stderr.take().unwrap()) as Box<dyn Read + Send>,
-            Box::new(child.stdout.take().unwrap()),
-        ] {
-            let lines = lines.clone();
-            let tag = name.to_owned();
-            thread::spawn(move || {
-                for line in BufReader::new(pipe).lines() {
-                    let Ok(line) = line else { break };
-                    if std::env::var_os("E2E_VERBOSE").is_some() {
-                        eprintln!("[{tag}] {line}");
-                    }
-                    let (m, cv) = &*lines;
-                    m.lock().unwrap().push(line);
-                    cv.notify_all();
-                }
-            });
-        }
-        NsProc {
-            name: name.to_owned(),
-            child,
-            lines,
-        }
-    }
-
-    pub fn log(&self) -> Vec<String> {
-        self.lines.0.lock().unwrap().clone()
-    }
-
-    pub fn count(&self, pred: impl Fn(&str) -> bool) -> usize {
-        self.lines
-            .0
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| pred(l))
-            .count()
-    }
-
-    pub fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
-        self.wait_for_nth(what, 1, timeout, pred)
-    }
-
-    pub fn wait_for_nth(
-        &self,
-        what: &str,
-        n: usize,
-        timeout: Duration,
-        pred: impl Fn(&str) -> bool,
-    ) -> String {
-        let deadline = Instant::now() + timeout;
-        let (m, cv) = &*self.lines;
-        let mut lines = m.lock().unwrap();
-        loop {
-            let hits: Vec<&String> = lines.iter().filter(|l| pred(l)).collect();
-            if hits.len() >= n {
-                return hits[n - 1].clone();
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                panic!(
-                    "{}: timed out after {timeout:?} waiting for {what}; log:\n{}",
-                    self.name,
-                    lines.join("\n")
-                );
-            }
-            lines = cv.wait_timeout(lines, deadline - now).unwrap().0;
-        }
-    }
-
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for NsProc {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
