@@ -188,12 +188,6 @@ fn metrics_parse_and_counters_move_with_traffic() {
 
 #[test]
 fn status_page_shows_service_and_agent_in_chromium() {
-    let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .expect(
-            "chromium is not installed: scripts/test.sh installs it (apt-get install chromium)",
-        );
     let dir = Dir::new();
     let (_gw, admin, _agent) = start(&dir);
     // The pool (4 by default) fills right after registration; wait until /status says so.
@@ -208,26 +202,8 @@ fn status_page_shows_service_and_agent_in_chromium() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let url = format!("http://{admin}/");
-    let profile = dir.path().join("chromium-profile");
-    let flags = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--virtual-time-budget=5000",
-    ];
-    let out = Command::new(chromium)
-        .args(flags)
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .arg("--dump-dom")
-        .arg(&url)
-        .output()
-        .unwrap();
-    let dom = String::from_utf8_lossy(&out.stdout);
+    let chromium = Chromium::new(&dir);
+    let (dom, _) = chromium.dump_dom(&url);
     assert!(
         dom.contains("data-service=\"web\""),
         "the page shows no row for service web:\n{dom}"
@@ -247,23 +223,7 @@ fn status_page_shows_service_and_agent_in_chromium() {
     );
 
     // Keep a screenshot as an artifact for people to look at.
-    let artifacts = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/artifacts");
-    std::fs::create_dir_all(&artifacts).unwrap();
-    let shot = artifacts.join("status-page.png");
-    let _ = std::fs::remove_file(&shot);
-    let out = Command::new(chromium)
-        .args(flags)
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .arg("--window-size=1200,700")
-        .arg(format!("--screenshot={}", shot.display()))
-        .arg(&url)
-        .output()
-        .unwrap();
-    assert!(
-        shot.exists(),
-        "no screenshot written: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    chromium.screenshot(&url, "status-page.png", "1200,700");
 }
 
 #[test]

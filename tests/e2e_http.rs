@@ -592,13 +592,6 @@ fn websocket_echo_through_the_prefix() {
         });
 }
 
-fn chromium() -> &'static str {
-    ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("chromium is not installed: scripts/test.sh installs it (apt-get install chromium)")
-}
-
 #[test]
 fn chromium_loads_a_page_whose_assets_use_absolute_paths() {
     let dir = Dir::new();
@@ -615,26 +608,8 @@ fn chromium_loads_a_page_whose_assets_use_absolute_paths() {
         &[],
     );
     let url = setup.url("/~~srvBACK/");
-    let profile = dir.path().join("chromium-profile");
-    let flags = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--virtual-time-budget=5000",
-    ];
-    let out = Command::new(chromium())
-        .args(flags)
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .arg("--dump-dom")
-        .arg(&url)
-        .output()
-        .unwrap();
-    let dom = String::from_utf8_lossy(&out.stdout);
+    let chromium = Chromium::new(&dir);
+    let (dom, log) = chromium.dump_dom(&url);
     for (what, attr) in [
         ("the script", "data-js=\"ok\""),
         ("the stylesheet", "data-css=\"ok\""),
@@ -643,8 +618,7 @@ fn chromium_loads_a_page_whose_assets_use_absolute_paths() {
     ] {
         assert!(
             dom.contains(attr),
-            "{what} did not load through the prefix ({attr} missing):\n{dom}\n{}",
-            String::from_utf8_lossy(&out.stderr)
+            "{what} did not load through the prefix ({attr} missing):\n{dom}\n{log}"
         );
     }
     assert!(dom.contains("api: hello from portal"), "{dom}");
@@ -663,23 +637,7 @@ fn chromium_loads_a_page_whose_assets_use_absolute_paths() {
         );
     }
 
-    let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/artifacts");
-    std::fs::create_dir_all(&artifacts).unwrap();
-    let shot = artifacts.join("http-prefix-page.png");
-    let _ = std::fs::remove_file(&shot);
-    let out = Command::new(chromium())
-        .args(flags)
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .arg("--window-size=900,600")
-        .arg(format!("--screenshot={}", shot.display()))
-        .arg(&url)
-        .output()
-        .unwrap();
-    assert!(
-        shot.exists(),
-        "no screenshot written: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    chromium.screenshot(&url, "http-prefix-page.png", "900,600");
 }
 
 #[test]

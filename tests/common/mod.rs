@@ -389,3 +389,71 @@ pub fn echo_exact(addr: SocketAddr, data: Vec<u8>, timeout: Duration) -> Vec<u8>
     writer.join().unwrap();
     out
 }
+
+/// Headless Chromium (Debian's package), with its own profile directory under a test's `Dir`.
+pub struct Chromium {
+    bin: &'static str,
+    profile: PathBuf,
+}
+
+impl Chromium {
+    pub fn new(dir: &Dir) -> Chromium {
+        let bin = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect(
+                "chromium is not installed: scripts/test.sh installs it (apt-get install chromium)",
+            );
+        Chromium {
+            bin,
+            profile: dir.path().join("chromium-profile"),
+        }
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(self.bin);
+        cmd.args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--virtual-time-budget=5000",
+        ])
+        .arg(format!("--user-data-dir={}", self.profile.display()));
+        cmd
+    }
+
+    /// The DOM of `url` once its scripts have run, and what Chromium wrote to stderr.
+    pub fn dump_dom(&self, url: &str) -> (String, String) {
+        let out = self.command().arg("--dump-dom").arg(url).output().unwrap();
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// A screenshot of `url` kept as an artifact in target/artifacts/`name` for people to look
+    /// at; panics if none was written.
+    pub fn screenshot(&self, url: &str, name: &str, size: &str) {
+        let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/artifacts");
+        std::fs::create_dir_all(&artifacts).unwrap();
+        let shot = artifacts.join(name);
+        let _ = std::fs::remove_file(&shot);
+        let out = self
+            .command()
+            .arg(format!("--window-size={size}"))
+            .arg(format!("--screenshot={}", shot.display()))
+            .arg(url)
+            .output()
+            .unwrap();
+        assert!(
+            shot.exists(),
+            "no screenshot written: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
