@@ -31,7 +31,7 @@ pub struct ConnId(pub u64);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ClientId(pub u64);
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceConfig {
     pub name: String,
     pub password_key: PasswordKey,
@@ -111,6 +111,15 @@ pub enum GatewayEvent {
         reason: String,
         retry_in: Duration,
     },
+}
+
+/// What [`Gateway::reconfigure`] changed, by service name, in configuration order (removed:
+/// in name order).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reconfigured {
+    pub added: Vec<String>,
+    pub changed: Vec<String>,
+    pub removed: Vec<String>,
 }
 
 /// How a client accepted by [`Gateway::handle_client`] gets its data connection.
@@ -307,6 +316,70 @@ impl Gateway {
 
     pub fn timing(&self) -> Timing {
         self.timing
+    }
+
+    /// Installs a new list of services (a configuration reload) and says what changed.
+    ///
+    /// - A service that is new can register at once.
+    /// - A changed service keeps its live session with the settings it registered with (its
+    ///   password keys, `data_tls`, pool and PROXY header), until that session drops; new
+    ///   registrations, and the rules that are checked per client (`clients_allow`,
+    ///   `max_pending`) or per registration (`allow_from`), use the new settings at once.
+    /// - A service that is gone loses its session: the agent is told why
+    ///   (`NOT_ALLOWED`), its waiting clients fail and its pool closes. Its next registration
+    ///   is refused like any unknown service's.
+    ///
+    /// Names that appear twice keep the first entry.
+    pub fn reconfigure(&mut self, now: Instant, services: Vec<ServiceConfig>) -> Reconfigured {
+        self.touch(now);
+        let mut report = Reconfigured::default();
+        let mut next: BTreeMap<String, Service> = BTreeMap::new();
+        for cfg in services {
+            if next.contains_key(&cfg.name) {
+                continue;
+            }
+            let name = cfg.name.clone();
+            let service = match self.services.remove(&name) {
+                Some(old) => {
+                    if old.cfg != cfg {
+                        report.changed.push(name.clone());
+                    }
+                    Service { cfg, ..old }
+                }
+                None => {
+                    report.added.push(name.clone());
+                    Service {
+                        cfg,
+                        session: None,
+                        pending: 0,
+                    }
+                }
+            };
+            next.insert(name, service);
+        }
+        let removed = std::mem::replace(&mut self.services, next);
+        for (name, old) in removed {
+            if let Some(conn) = old.session {
+                let reason =
+                    format!("service {name:?} was removed from the gateway's configuration");
+                self.close(conn, Some(ErrorCode::NotAllowed), reason);
+            }
+            report.removed.push(name);
+        }
+        // Names only the removed services' rules used need not be kept.
+        let still_used: Vec<String> = self
+            .services
+            .values()
+            .flat_map(|s| {
+                s.cfg
+                    .allow_from
+                    .names()
+                    .chain(s.cfg.clients_allow.names())
+                    .map(str::to_owned)
+            })
+            .collect();
+        self.resolved.retain(|n, _| still_used.contains(n));
+        report
     }
 
     /// Whether an agent is registered for `service` right now.

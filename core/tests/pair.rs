@@ -2953,3 +2953,141 @@ fn send_proxy_is_announced_in_welcome_and_reaches_every_request() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Configuration reload
+// ---------------------------------------------------------------------------------------------
+
+fn reload(p: &mut Pair, services: Vec<ServiceConfig>) -> dialback_core::gateway::Reconfigured {
+    let now = p.now;
+    let report = p.gw.reconfigure(now, services);
+    p.drain();
+    p.settle();
+    report
+}
+
+#[test]
+fn reload_with_the_same_services_changes_nothing() {
+    let mut p = Pair::simple(false);
+    let (a, sid) = p.registered_agent([1; 32]);
+    let report = reload(&mut p, vec![service(SERVICE, password_key(), false)]);
+    assert_eq!(report, Default::default());
+    assert!(p.closed(a).is_none());
+    assert!(p.gw.is_online(SERVICE));
+    p.client(1, SERVICE).unwrap();
+    p.settle();
+    let req = p.connects(a)[0].clone();
+    assert_eq!(req.hello.session_id, sid);
+    assert_eq!(p.redeem(&req.hello, false).unwrap().client, ClientId(1));
+}
+
+#[test]
+fn a_changed_password_keeps_the_live_session_and_binds_new_registrations() {
+    let mut p = Pair::simple(false);
+    let (a, sid) = p.registered_agent([1; 32]);
+    let new_key = PasswordKey::from_bytes([0x5a; 32]);
+    let mut changed = service(SERVICE, new_key.clone(), false);
+    changed.max_pending = 1;
+    let report = reload(&mut p, vec![changed]);
+    assert_eq!(report.changed, vec![SERVICE.to_owned()]);
+    assert!(report.added.is_empty() && report.removed.is_empty());
+
+    // The live agent keeps working on its old session, with tokens of its old keys.
+    assert!(p.closed(a).is_none(), "{:?}", p.closed(a));
+    p.client(1, SERVICE).unwrap();
+    p.settle();
+    let req = p.connects(a)[0].clone();
+    assert_eq!(req.hello.session_id, sid);
+    // max_pending applies at once: one client is waiting, so a second one is refused.
+    assert!(matches!(
+        p.client(2, SERVICE),
+        Err(ClientReject::Overloaded { .. })
+    ));
+    assert_eq!(p.redeem(&req.hello, false).unwrap().client, ClientId(1));
+
+    // Once it is gone, the old password no longer registers; the new one does.
+    p.agent_close(a, ErrorCode::ShuttingDown);
+    p.settle();
+    assert!(!p.gw.is_online(SERVICE));
+    let old = p.agent(SERVICE, password_key(), [2; 32]);
+    p.settle();
+    assert!(p.registered(old).is_none());
+    let conn = p.sides[old].conn;
+    assert_eq!(
+        p.rejected(conn).iter().map(|r| r.2).collect::<Vec<_>>(),
+        vec![ErrorCode::AuthFailed]
+    );
+    let new = p.agent(SERVICE, new_key, [3; 32]);
+    p.settle();
+    assert!(p.registered(new).is_some());
+}
+
+#[test]
+fn reload_adds_and_removes_services() {
+    let mut p = Pair::simple(false);
+    let (a, _) = p.registered_agent([1; 32]);
+    p.client(1, SERVICE).unwrap();
+    p.settle();
+    assert_eq!(p.connects(a).len(), 1);
+    let api_key = PasswordKey::from_bytes([0x11; 32]);
+
+    // Before the reload, "api" is unknown.
+    let early = p.agent("api", api_key.clone(), [2; 32]);
+    p.settle();
+    assert!(p.registered(early).is_none());
+
+    let report = reload(&mut p, vec![service("api", api_key.clone(), false)]);
+    assert_eq!(report.added, vec!["api".to_owned()]);
+    assert_eq!(report.removed, vec![SERVICE.to_owned()]);
+    assert!(report.changed.is_empty());
+
+    // The removed service's agent is told why, its waiting client fails, and it is offline.
+    match p.closed(a) {
+        Some((_, AgentError::Refused { code, message })) => {
+            assert_eq!(code, ErrorCode::NotAllowed);
+            assert!(message.contains("removed"), "{message}");
+        }
+        other => panic!("the removed service's agent was not told: {other:?}"),
+    }
+    assert_eq!(
+        p.failed_for(ClientId(1))
+            .iter()
+            .map(|f| f.1)
+            .collect::<Vec<_>>(),
+        vec![ErrorCode::SessionGone]
+    );
+    assert!(!p.gw.is_online(SERVICE));
+    assert!(matches!(
+        p.client(2, SERVICE),
+        Err(ClientReject::UnknownService(_))
+    ));
+    let again = p.agent(SERVICE, password_key(), [3; 32]);
+    p.settle();
+    assert!(p.registered(again).is_none());
+
+    // The new service registers and serves.
+    let api = p.agent("api", api_key, [4; 32]);
+    p.settle();
+    assert!(p.registered(api).is_some());
+    p.client(3, "api").unwrap();
+    p.settle();
+    let req = p.connects(api)[0].clone();
+    assert_eq!(p.redeem(&req.hello, false).unwrap().client, ClientId(3));
+}
+
+#[test]
+fn removing_a_pooled_service_closes_its_parked_connections() {
+    let mut p = pooled_pair(Duration::from_secs(60));
+    let a = p.agent(SERVICE, password_key(), [1; 32]);
+    let mut answered = BTreeMap::new();
+    assert_eq!(p.fill(a, &mut answered), POOL);
+    assert_eq!(p.gw.pooled(SERVICE), POOL);
+    let parked: Vec<u64> = p.parked.keys().copied().collect();
+    let report = reload(&mut p, Vec::new());
+    assert_eq!(report.removed, vec![SERVICE.to_owned()]);
+    let closed: Vec<u64> = p.pool_closed.iter().map(|(_, id)| *id).collect();
+    for id in &parked {
+        assert!(closed.contains(id), "parked connection {id} left open");
+    }
+    assert_eq!(p.gw.pooled(SERVICE), 0);
+}
