@@ -676,7 +676,13 @@ impl ServiceMetrics {
 /// `Arc<GatewayMetrics>`.
 pub struct GatewayMetrics {
     started: Instant,
-    services: Vec<ServiceMetrics>,
+    /// Replaced as a whole by a configuration reload ([`GatewayMetrics::set_services`]).
+    services: std::sync::RwLock<Vec<Arc<ServiceMetrics>>>,
+    reloads: LabelCounters,
+    /// 1 when the last reload was applied (or none was tried), 0 when it was refused.
+    reload_ok: AtomicBool,
+    /// Unix time in ms of the last successful reload, or of the start; 0 = never.
+    reloaded_at_ms: AtomicU64,
     registration_rejections: LabelCounters,
     auth_failures: AtomicU64,
     auth_delays: AtomicU64,
@@ -728,31 +734,73 @@ impl GatewayMetrics {
     /// first.
     pub fn new(services: &[String]) -> Self {
         let started = Instant::now();
-        let mut list: Vec<ServiceMetrics> = Vec::with_capacity(services.len());
-        for s in services {
-            if !list.iter().any(|m| m.name == *s) {
-                list.push(ServiceMetrics::new(s, started));
-            }
-        }
-        GatewayMetrics {
+        let m = GatewayMetrics {
             started,
-            services: list,
+            services: std::sync::RwLock::new(Vec::new()),
+            reloads: LabelCounters::new(),
+            reload_ok: AtomicBool::new(true),
+            reloaded_at_ms: AtomicU64::new(unix_now_ms()),
             registration_rejections: LabelCounters::new(),
             auth_failures: AtomicU64::new(0),
             auth_delays: AtomicU64::new(0),
             handshake_drops: LabelCounters::new(),
             data_refusals: LabelCounters::new(),
             http_unrouted: LabelCounters::new(),
-        }
+        };
+        m.set_services(services);
+        m
     }
 
-    pub fn service(&self, name: &str) -> Option<&ServiceMetrics> {
-        self.services.iter().find(|s| s.name == name)
+    fn services_lock(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<ServiceMetrics>>> {
+        self.services.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn service(&self, name: &str) -> Option<Arc<ServiceMetrics>> {
+        self.services_lock()
+            .iter()
+            .find(|s| s.name == name)
+            .cloned()
     }
 
     /// All services in configuration order.
-    pub fn services(&self) -> impl Iterator<Item = &ServiceMetrics> {
-        self.services.iter()
+    pub fn services(&self) -> Vec<Arc<ServiceMetrics>> {
+        self.services_lock().clone()
+    }
+
+    /// Installs the service list of a (re)loaded configuration, in its order: a service that
+    /// stays keeps its counters, a new one starts from zero, a removed one disappears (its
+    /// relays still running count into its old entry, which no one reads any more). Duplicate
+    /// names keep the first.
+    pub fn set_services(&self, names: &[String]) {
+        let mut list = self.services.write().unwrap_or_else(|p| p.into_inner());
+        let mut next: Vec<Arc<ServiceMetrics>> = Vec::with_capacity(names.len());
+        for n in names {
+            if next.iter().any(|m| m.name == *n) {
+                continue;
+            }
+            let kept = list.iter().find(|m| m.name == *n).cloned();
+            next.push(kept.unwrap_or_else(|| Arc::new(ServiceMetrics::new(n, self.started))));
+        }
+        *list = next;
+    }
+
+    /// A configuration reload was applied (`ok`) or refused, and the old one kept.
+    pub fn config_reload(&self, ok: bool) {
+        self.reloads.inc(if ok { "applied" } else { "refused" });
+        self.reload_ok.store(ok, Ordering::Relaxed);
+        if ok {
+            self.reloaded_at_ms.store(unix_now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// Reloads by outcome (`applied`, `refused`).
+    pub fn config_reloads(&self) -> Vec<(&'static str, u64)> {
+        self.reloads.snapshot()
+    }
+
+    /// Whether the last reload was applied (true before any).
+    pub fn config_last_reload_ok(&self) -> bool {
+        self.reload_ok.load(Ordering::Relaxed)
     }
 
     /// A control connection was refused (an `ErrorCode` name: `auth_failed`,
@@ -821,7 +869,7 @@ impl GatewayMetrics {
     /// The Prometheus text exposition (format 0.0.4) of every metric.
     pub fn render_prometheus(&self, now: Instant) -> String {
         let mut e = Exposition::new(GW);
-        let svcs = &self.services;
+        let svcs = &self.services();
 
         e.family(
             "uptime_seconds",
@@ -898,6 +946,37 @@ impl GatewayMetrics {
             "Control connections held before their hello because their address failed to authenticate before.",
         );
         e.int("auth_delays_total", &[], self.auth_delays());
+
+        e.family(
+            "config_reloads_total",
+            "counter",
+            "Configuration reloads (SIGHUP or a changed file), by outcome: applied, or refused with the old configuration kept.",
+        );
+        for (r, n) in self.config_reloads() {
+            e.int("config_reloads_total", &[("result", r)], n);
+        }
+
+        e.family(
+            "config_last_reload_successful",
+            "gauge",
+            "1 if the last configuration reload was applied (or none was tried), 0 if it was refused.",
+        );
+        e.int(
+            "config_last_reload_successful",
+            &[],
+            self.config_last_reload_ok() as u64,
+        );
+
+        e.family(
+            "config_last_reload_success_timestamp_seconds",
+            "gauge",
+            "Unix time of the last applied configuration (the start, before any reload).",
+        );
+        e.float(
+            "config_last_reload_success_timestamp_seconds",
+            &[],
+            self.reloaded_at_ms.load(Ordering::Relaxed) as f64 / 1000.0,
+        );
 
         e.family(
             "handshake_drops_total",
@@ -1033,7 +1112,7 @@ impl GatewayMetrics {
         StatusSnapshot {
             uptime_seconds: self.uptime(now).as_secs_f64(),
             now_unix_ms,
-            services: self.services.iter().map(|s| s.status(now)).collect(),
+            services: self.services().iter().map(|s| s.status(now)).collect(),
         }
     }
 
@@ -1545,9 +1624,37 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_reload_keeps_the_counters_of_services_that_stay() {
+        let m = GatewayMetrics::new(&names(&["a", "b"]));
+        let a = m.service("a").unwrap();
+        a.client_refused("overloaded");
+        let _held = a.connection_opened();
+        m.set_services(&names(&["c", "a"]));
+        let order: Vec<String> = m.services().iter().map(|s| s.name().to_owned()).collect();
+        assert_eq!(order, ["c", "a"]);
+        assert!(m.service("b").is_none());
+        let a2 = m.service("a").unwrap();
+        assert!(Arc::ptr_eq(&a, &a2));
+        assert_eq!(a2.connections_active(), 1);
+        assert_eq!(m.service("c").unwrap().connections_total(), 0);
+        m.config_reload(false);
+        assert!(!m.config_last_reload_ok());
+        m.config_reload(true);
+        assert!(m.config_last_reload_ok());
+        let text = m.render_prometheus(Instant::now());
+        assert!(
+            text.contains("dialback_gateway_config_reloads_total{result=\"applied\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("dialback_gateway_config_reloads_total{result=\"refused\"} 1"));
+        assert!(text.contains("dialback_gateway_config_last_reload_successful 1"));
+        assert!(!text.contains("service=\"b\""));
+    }
+
+    #[test]
     fn services_in_config_order_and_lookup() {
         let m = GatewayMetrics::new(&names(&["b", "a", "c", "a"]));
-        let order: Vec<&str> = m.services().map(|s| s.name()).collect();
+        let order: Vec<String> = m.services().iter().map(|s| s.name().to_owned()).collect();
         assert_eq!(order, ["b", "a", "c"]);
         assert!(m.service("a").is_some());
         assert!(m.service("zz").is_none());
@@ -1745,6 +1852,9 @@ pub(crate) mod tests {
             ("registration_rejections_total", "counter"),
             ("auth_failures_total", "counter"),
             ("auth_delays_total", "counter"),
+            ("config_reloads_total", "counter"),
+            ("config_last_reload_successful", "gauge"),
+            ("config_last_reload_success_timestamp_seconds", "gauge"),
             ("handshake_drops_total", "counter"),
             ("connections_active", "gauge"),
             ("connections_total", "counter"),
