@@ -51,7 +51,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             if args.runtime == Runtime::Uring {
                 run::install_uring()?;
             }
-            run::gateway(settings)?;
+            run::gateway(settings, args.config.path.clone())?;
         }
         Command::Agent(args) => {
             raise_open_file_limit();

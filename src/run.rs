@@ -1,6 +1,7 @@
 //! Starting the runtimes from the command line, and the self-contained demo.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -58,16 +59,123 @@ async fn shutdown_signal() {
     }
 }
 
-pub fn gateway(settings: GatewaySettings) -> anyhow::Result<()> {
+/// Runs the gateway of the config file `path`, reloading it on SIGHUP and when the file
+/// changes (see [`watch_config`]).
+pub fn gateway(settings: GatewaySettings, path: PathBuf) -> anyhow::Result<()> {
     runtime()?.block_on(async {
         let gw = BoundGateway::bind(settings).await?;
+        let watch = tokio::spawn(watch_config(path, gw.reloader(), gw.metrics()));
         gw.run(shutdown_signal()).await;
+        watch.abort();
         Ok(())
     })
 }
 
+/// How often the config file is compared with the one running.
+const CONFIG_POLL: Duration = Duration::from_secs(2);
+/// A changed file must read the same this much later before it is loaded, so that a file
+/// caught in the middle of being written is not taken for the new configuration.
+const CONFIG_SETTLE: Duration = Duration::from_millis(250);
+
+/// Reloads the gateway's configuration on SIGHUP, and when the bytes of `path` change. A file
+/// that does not load (syntax, a bad value, a missing password file) is refused with its
+/// reason and the running configuration is kept; so is one the gateway cannot apply (a port
+/// in use, an unreadable certificate).
+async fn watch_config(
+    path: PathBuf,
+    reloader: dialback_tokio::gateway::Reloader,
+    metrics: std::sync::Arc<dialback_tokio::metrics::GatewayMetrics>,
+) {
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!("cannot handle SIGHUP ({e}); the config file is still watched");
+            None
+        }
+    };
+    let mut seen = std::fs::read(&path).ok();
+    let mut tick = tokio::time::interval(CONFIG_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let why = tokio::select! {
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => "SIGHUP",
+            _ = tick.tick() => {
+                let now = std::fs::read(&path).ok();
+                if now == seen || now.is_none() {
+                    // Unchanged, or gone for a moment (an editor replacing it).
+                    continue;
+                }
+                tokio::time::sleep(CONFIG_SETTLE).await;
+                let settled = std::fs::read(&path).ok();
+                if settled != now {
+                    continue; // still being written: look again at the next tick
+                }
+                "the config file changed"
+            }
+        };
+        seen = std::fs::read(&path).ok();
+        info!(path = %path.display(), trigger = why, "reloading the configuration");
+        let settings = match crate::config::load_gateway(&path) {
+            Ok((settings, warnings)) => {
+                for w in warnings {
+                    tracing::warn!("{w}");
+                }
+                settings
+            }
+            Err(e) => {
+                metrics.config_reload(false);
+                tracing::error!(reason = %e, "configuration reload refused: the running configuration is kept");
+                continue;
+            }
+        };
+        match reloader.reload(settings).await {
+            Ok(r) => {
+                if !r.needs_restart.is_empty() {
+                    tracing::warn!(
+                        keys = %r.needs_restart.join(", "),
+                        "changed settings that only take effect after a restart are kept as they run"
+                    );
+                }
+                let s = &r.services;
+                let addrs = |v: &[SocketAddr]| {
+                    v.iter()
+                        .map(|a| a.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                };
+                info!(
+                    trigger = why,
+                    added = %s.added.join(","),
+                    changed = %s.changed.join(","),
+                    removed = %s.removed.join(","),
+                    opened = %addrs(&r.opened),
+                    closed = %addrs(&r.closed),
+                    http = r.http,
+                    "configuration reloaded"
+                );
+            }
+            Err(e) => tracing::error!(
+                reason = %e,
+                "configuration reload refused: the running configuration is kept"
+            ),
+        }
+    }
+}
+
 pub fn agent(settings: AgentSettings) -> anyhow::Result<()> {
     runtime()?.block_on(async {
+        // The agent reads its config once; a SIGHUP meant for a gateway must not kill it.
+        if let Ok(mut hup) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::warn!(
+                        "SIGHUP ignored: the agent reads its configuration only at start; restart it to apply changes"
+                    );
+                }
+            });
+        }
         agent::run(settings, shutdown_signal()).await?;
         Ok(())
     })

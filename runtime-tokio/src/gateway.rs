@@ -50,6 +50,8 @@ pub enum GatewayError {
     Entropy(String),
     #[error("[http]: {0}")]
     Http(String),
+    #[error("the gateway has stopped")]
+    Stopped,
 }
 
 enum CtrlCmd {
@@ -248,14 +250,190 @@ impl Shared {
     }
 }
 
+/// What a public port serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Entry {
+    /// A service's `tcp_listen`.
+    Service { name: String, accept_proxy: bool },
+    /// `[http]`'s `listen` (`https == false`) or `tls_listen`.
+    Http { https: bool },
+}
+
+impl Entry {
+    fn describe(&self) -> String {
+        match self {
+            Entry::Service { name, .. } => format!("tcp_listen of service {name}"),
+            Entry::Http { https: false } => "[http] listen".into(),
+            Entry::Http { https: true } => "[http] tls_listen".into(),
+        }
+    }
+}
+
+/// The public ports a configuration asks for, keyed by their configured address.
+fn public_entries(settings: &GatewaySettings) -> Vec<(SocketAddr, Entry)> {
+    let mut out: Vec<(SocketAddr, Entry)> = settings
+        .services
+        .iter()
+        .filter_map(|s| {
+            s.tcp_listen.map(|a| {
+                (
+                    a,
+                    Entry::Service {
+                        name: s.name.clone(),
+                        accept_proxy: s.accept_proxy,
+                    },
+                )
+            })
+        })
+        .collect();
+    if let Some(h) = &settings.http {
+        out.extend(h.listen.map(|a| (a, Entry::Http { https: false })));
+        out.extend(h.tls_listen.map(|a| (a, Entry::Http { https: true })));
+    }
+    out
+}
+
+/// A bound public port and the task accepting on it. The listener is shared with the task,
+/// so a reload can point the port at another entry without closing it.
+struct PublicPort {
+    configured: SocketAddr,
+    entry: Entry,
+    listener: Arc<TcpListener>,
+    task: Option<tokio::task::AbortHandle>,
+}
+
+impl PublicPort {
+    fn bound(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+}
+
+impl Drop for PublicPort {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+/// A request to install a new configuration, sent by a [`Reloader`].
+struct ReloadRequest {
+    settings: GatewaySettings,
+    reply: oneshot::Sender<Result<Reloaded, GatewayError>>,
+}
+
+/// Asks a running gateway to install a new configuration (see [`BoundGateway::run`]).
+#[derive(Clone)]
+pub struct Reloader {
+    tx: mpsc::Sender<ReloadRequest>,
+}
+
+impl Reloader {
+    /// Installs `settings` and says what changed, or why nothing did: on an error the running
+    /// configuration is kept whole. Counted in the gateway's metrics either way.
+    pub async fn reload(&self, settings: GatewaySettings) -> Result<Reloaded, GatewayError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(ReloadRequest { settings, reply })
+            .await
+            .map_err(|_| GatewayError::Stopped)?;
+        rx.await.map_err(|_| GatewayError::Stopped)?
+    }
+}
+
+/// What a reload changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    pub services: dialback_core::gateway::Reconfigured,
+    /// Public ports opened and closed (configured addresses).
+    pub opened: Vec<SocketAddr>,
+    pub closed: Vec<SocketAddr>,
+    /// Whether `[http]` (routes, certificates, limits) was rebuilt.
+    pub http: bool,
+    /// Settings that differ from the running ones but only take effect after a restart.
+    pub needs_restart: Vec<&'static str>,
+}
+
+/// Settings a reload cannot change, by the key an operator would edit.
+fn restart_only(old: &GatewaySettings, new: &GatewaySettings) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    let mut differs = |key: &'static str, changed: bool| {
+        if changed {
+            out.push(key);
+        }
+    };
+    differs("listen", old.listen != new.listen);
+    differs("cert/key/state_dir", old.identity != new.identity);
+    differs("admin_listen", old.admin_listen != new.admin_listen);
+    differs("accept_proxy", old.accept_proxy != new.accept_proxy);
+    differs("max_handshakes", old.max_handshakes != new.max_handshakes);
+    differs("drain_timeout", old.drain_timeout != new.drain_timeout);
+    let t = (&old.timing, &new.timing);
+    differs("heartbeat", t.0.heartbeat != t.1.heartbeat);
+    differs("dead_after", t.0.dead_after != t.1.dead_after);
+    differs("token_ttl", t.0.token_ttl != t.1.token_ttl);
+    differs(
+        "handshake_timeout",
+        t.0.handshake_timeout != t.1.handshake_timeout,
+    );
+    out
+}
+
+/// Stretches the password of every service whose name or password is not in `known` (the
+/// keys of the running configuration), off the async threads: tens of ms each.
+async fn service_configs(
+    services: &[crate::settings::GatewayService],
+    known: &HashMap<String, (crate::settings::Secret, PasswordKey)>,
+) -> Result<Vec<ServiceConfig>, GatewayError> {
+    let services = services.to_vec();
+    let known: HashMap<String, (crate::settings::Secret, PasswordKey)> = services
+        .iter()
+        .filter_map(|s| {
+            known
+                .get(&s.name)
+                .filter(|(pw, _)| *pw == s.password)
+                .map(|k| (s.name.clone(), k.clone()))
+        })
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        services
+            .into_iter()
+            .map(|s| ServiceConfig {
+                password_key: match known.get(&s.name) {
+                    Some((_, key)) => key.clone(),
+                    None => PasswordKey::derive(&s.name, &s.password.0),
+                },
+                name: s.name,
+                data_tls: s.data_tls,
+                max_pending: s.max_pending,
+                pool: s.pool,
+                pool_max_idle: s.pool_max_idle,
+                allow_from: s.allow_from,
+                clients_allow: s.clients_allow,
+                send_proxy: s.send_proxy,
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|e| GatewayError::Entropy(e.to_string()))
+}
+
 /// A gateway whose listeners are bound; [`BoundGateway::run`] serves until shutdown.
 pub struct BoundGateway {
     shared: Arc<Shared>,
-    listener: TcpListener,
+    /// The agents' port; taken by `run`.
+    listener: Option<TcpListener>,
     admin: Option<TcpListener>,
-    services: Vec<(String, TcpListener, bool)>,
-    http: Option<crate::http::BoundHttp>,
+    /// Public ports (services' `tcp_listen`, `[http]`'s ports), accepting once running.
+    public: Vec<PublicPort>,
+    http: Option<Arc<crate::http::FrontCell>>,
     fingerprint: [u8; 32],
+    /// The running configuration, for the next reload to compare against.
+    settings: GatewaySettings,
+    /// Each service's password and its stretched key, so a reload re-stretches only changes.
+    keys: HashMap<String, (crate::settings::Secret, PasswordKey)>,
+    reload_tx: mpsc::Sender<ReloadRequest>,
+    reload_rx: mpsc::Receiver<ReloadRequest>,
 }
 
 impl BoundGateway {
@@ -277,25 +455,12 @@ impl BoundGateway {
         info!(fingerprint = %tls::format_fingerprint(&fingerprint), "agents can pin this certificate");
         let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(&identity)?);
 
-        let services_in = settings.services.clone();
-        let services = tokio::task::spawn_blocking(move || {
-            services_in
-                .into_iter()
-                .map(|s| ServiceConfig {
-                    password_key: PasswordKey::derive(&s.name, &s.password.0),
-                    name: s.name,
-                    data_tls: s.data_tls,
-                    max_pending: s.max_pending,
-                    pool: s.pool,
-                    pool_max_idle: s.pool_max_idle,
-                    allow_from: s.allow_from,
-                    clients_allow: s.clients_allow,
-                    send_proxy: s.send_proxy,
-                })
-                .collect::<Vec<_>>()
-        })
-        .await
-        .map_err(|e| GatewayError::Entropy(e.to_string()))?;
+        let services = service_configs(&settings.services, &HashMap::new()).await?;
+        let keys = services
+            .iter()
+            .zip(&settings.services)
+            .map(|(c, s)| (s.name.clone(), (s.password.clone(), c.password_key.clone())))
+            .collect();
 
         let mut seed = [0u8; 32];
         getrandom::fill(&mut seed).map_err(|e| GatewayError::Entropy(e.to_string()))?;
@@ -314,24 +479,24 @@ impl BoundGateway {
             Some(addr) => Some(bind(addr, "admin_listen").await?),
             None => None,
         };
-        let mut service_listeners = Vec::new();
-        for s in &settings.services {
-            if let Some(addr) = s.tcp_listen {
-                let l = bind(addr, &format!("tcp_listen of service {}", s.name)).await?;
-                service_listeners.push((s.name.clone(), l, s.accept_proxy));
-            }
-        }
         let http = match &settings.http {
-            Some(h) => Some(
-                crate::http::bind(
-                    h,
-                    settings.timing.handshake_timeout,
-                    settings.timing.token_ttl,
-                )
-                .await?,
-            ),
+            Some(h) => Some(crate::http::FrontCell::new(crate::http::front(
+                h,
+                settings.timing.handshake_timeout,
+                settings.timing.token_ttl,
+            )?)),
             None => None,
         };
+        let mut public = Vec::new();
+        for (addr, entry) in public_entries(&settings) {
+            let l = bind(addr, &entry.describe()).await?;
+            public.push(PublicPort {
+                configured: addr,
+                entry,
+                listener: Arc::new(l),
+                task: None,
+            });
+        }
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
                 core,
@@ -355,18 +520,26 @@ impl BoundGateway {
             drain: Arc::new(crate::drain::Drain::default()),
             drain_timeout: settings.drain_timeout,
         });
+        let (reload_tx, reload_rx) = mpsc::channel(4);
         Ok(BoundGateway {
             shared,
-            listener,
+            listener: Some(listener),
             admin,
-            services: service_listeners,
+            public,
             http,
             fingerprint,
+            settings,
+            keys,
+            reload_tx,
+            reload_rx,
         })
     }
 
     pub fn listen_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+        match &self.listener {
+            Some(l) => l.local_addr(),
+            None => Err(io::Error::other("the gateway is running")),
+        }
     }
 
     /// The bound address of `admin_listen`, when configured.
@@ -376,15 +549,21 @@ impl BoundGateway {
 
     /// The bound public address of a service's `tcp_listen`.
     pub fn service_addr(&self, name: &str) -> Option<SocketAddr> {
-        self.services
+        self.public
             .iter()
-            .find(|(n, _, _)| n == name)
-            .and_then(|(_, l, _)| l.local_addr().ok())
+            .find(|p| matches!(&p.entry, Entry::Service { name: n, .. } if n == name))
+            .and_then(PublicPort::bound)
     }
 
     /// The bound addresses of `[http]`'s `listen` and `tls_listen`.
     pub fn http_addrs(&self) -> (Option<SocketAddr>, Option<SocketAddr>) {
-        self.http.as_ref().map(|h| h.addrs()).unwrap_or_default()
+        let find = |https: bool| {
+            self.public
+                .iter()
+                .find(|p| p.entry == Entry::Http { https })
+                .and_then(PublicPort::bound)
+        };
+        (find(false), find(true))
     }
 
     pub fn fingerprint(&self) -> [u8; 32] {
@@ -396,38 +575,82 @@ impl BoundGateway {
         self.shared.metrics.clone()
     }
 
+    /// A handle that installs new configurations while [`BoundGateway::run`] serves.
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            tx: self.reload_tx.clone(),
+        }
+    }
+
+    /// Starts (or restarts, after its entry changed) the accept loop of a public port.
+    fn start(&self, port: &mut PublicPort, tasks: &mut JoinSet<()>) {
+        if let Some(t) = port.task.take() {
+            t.abort();
+        }
+        let addr = port.bound().map(|a| a.to_string()).unwrap_or_default();
+        let l = port.listener.clone();
+        let shared = self.shared.clone();
+        let task = match (&port.entry, &self.http) {
+            (Entry::Service { name, accept_proxy }, _) => {
+                info!(service = %name, %addr, accept_proxy, "listening for clients");
+                tasks.spawn(client_accept_loop(shared, name.clone(), l, *accept_proxy))
+            }
+            (Entry::Http { https }, Some(cell)) => {
+                info!(%addr, "listening for {} clients", if *https { "HTTPS" } else { "HTTP" });
+                let metrics = shared.metrics.clone();
+                tasks.spawn(crate::http::accept_loop(
+                    shared,
+                    metrics,
+                    cell.clone(),
+                    l,
+                    *https,
+                ))
+            }
+            // Not reached: an [http] port exists only with its front.
+            (Entry::Http { .. }, None) => return,
+        };
+        port.task = Some(task);
+    }
+
     /// Serves until `shutdown` completes, then drains: public listeners close at once, agents
     /// stay connected so that clients already waiting still get their data connection, and
-    /// relayed clients have `drain_timeout` to finish before everything stops.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let BoundGateway {
-            shared,
-            listener,
-            admin,
-            services,
-            http,
-            ..
-        } = self;
-        info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening for agents");
+    /// relayed clients have `drain_timeout` to finish before everything stops. Meanwhile,
+    /// configurations sent through a [`Reloader`] are installed.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+        let shared = self.shared.clone();
         let mut tasks = JoinSet::new();
         tasks.spawn(timer_task(shared.clone()));
-        if let Some(l) = admin {
+        if let Some(l) = self.admin.take() {
             info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin endpoint listening");
             let routes: Arc<dyn crate::admin::AdminRoutes> = shared.metrics.clone();
             tasks.spawn(crate::admin::serve(l, routes));
         }
-        tasks.spawn(agent_accept_loop(shared.clone(), listener));
+        if let Some(l) = self.listener.take() {
+            info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening for agents");
+            tasks.spawn(agent_accept_loop(shared.clone(), l));
+        }
         // Public entry points, closed first on shutdown.
-        let mut public = JoinSet::new();
-        for (name, l, accept_proxy) in services {
-            info!(service = %name, addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), accept_proxy, "listening for clients");
-            public.spawn(client_accept_loop(shared.clone(), name, l, accept_proxy));
+        let mut public_tasks = JoinSet::new();
+        let mut ports = std::mem::take(&mut self.public);
+        for port in &mut ports {
+            self.start(port, &mut public_tasks);
         }
-        if let Some(h) = http {
-            h.spawn(&shared, shared.metrics.clone(), &mut public);
+        self.public = ports;
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                Some(req) = self.reload_rx.recv() => {
+                    let result = self.apply(req.settings, &mut public_tasks).await;
+                    shared.metrics.config_reload(result.is_ok());
+                    let _ = req.reply.send(result);
+                }
+                // Reap finished accept loops (aborted by a reload) so the set stays small.
+                Some(_) = public_tasks.join_next(), if !public_tasks.is_empty() => {}
+            }
         }
-        shutdown.await;
-        public.shutdown().await;
+        self.public.clear();
+        public_tasks.shutdown().await;
         let (active, limit) = (shared.drain.active(), shared.drain_timeout);
         info!(active, "shutting down: no new clients; waiting up to {limit:?} for {active} connections to finish");
         match tokio::time::timeout(limit, shared.drain.idle()).await {
@@ -438,6 +661,105 @@ impl BoundGateway {
             ),
         }
         tasks.abort_all();
+    }
+
+    /// Installs `new` whole, or nothing of it: everything that can fail (stretching keys,
+    /// certificates, routes, binding new ports) is done before anything changes.
+    async fn apply(
+        &mut self,
+        mut new: GatewaySettings,
+        public_tasks: &mut JoinSet<()>,
+    ) -> Result<Reloaded, GatewayError> {
+        let needs_restart = restart_only(&self.settings, &new);
+        // What cannot change keeps its running value, so the next reload compares against
+        // what really runs.
+        new.listen = self.settings.listen;
+        new.identity = self.settings.identity.clone();
+        new.admin_listen = self.settings.admin_listen;
+        new.accept_proxy = self.settings.accept_proxy;
+        new.max_handshakes = self.settings.max_handshakes;
+        new.drain_timeout = self.settings.drain_timeout;
+        new.timing = self.settings.timing;
+
+        let services = service_configs(&new.services, &self.keys).await?;
+        let http_changed = new.http != self.settings.http;
+        let front = match &new.http {
+            Some(h) => Some(crate::http::front(
+                h,
+                new.timing.handshake_timeout,
+                new.timing.token_ttl,
+            )?),
+            None => None,
+        };
+        let wanted = public_entries(&new);
+        let mut fresh: Vec<PublicPort> = Vec::new();
+        for (addr, entry) in &wanted {
+            if self.public.iter().any(|p| p.configured == *addr) {
+                continue;
+            }
+            let l = bind(*addr, &entry.describe()).await?;
+            fresh.push(PublicPort {
+                configured: *addr,
+                entry: entry.clone(),
+                listener: Arc::new(l),
+                task: None,
+            });
+        }
+
+        // Nothing below fails.
+        let mut report = Reloaded {
+            needs_restart,
+            ..Default::default()
+        };
+        let names: Vec<String> = new.services.iter().map(|s| s.name.clone()).collect();
+        self.keys = services
+            .iter()
+            .zip(&new.services)
+            .map(|(c, s)| (s.name.clone(), (s.password.clone(), c.password_key.clone())))
+            .collect();
+        // New services get their metrics before they can be used.
+        let mut with_old = names.clone();
+        with_old.extend(self.settings.services.iter().map(|s| s.name.clone()));
+        self.shared.metrics.set_services(&with_old);
+        {
+            let mut inner = self.shared.lock();
+            report.services = inner.core.reconfigure(Instant::now(), services);
+            self.shared.drive(&mut inner);
+        }
+        self.shared.metrics.set_services(&names);
+        match (front, &self.http) {
+            (Some(f), Some(cell)) => cell.store(f),
+            (Some(f), None) => self.http = Some(crate::http::FrontCell::new(f)),
+            (None, _) => self.http = None,
+        }
+        report.http = http_changed;
+
+        let mut ports = std::mem::take(&mut self.public);
+        ports.retain(|p| {
+            let keep = wanted.iter().any(|(a, _)| *a == p.configured);
+            if !keep {
+                info!(addr = %p.configured, "stopped listening: {} is no longer configured", p.entry.describe());
+                report.closed.push(p.configured);
+            }
+            keep
+        });
+        for port in &mut ports {
+            if let Some((_, entry)) = wanted.iter().find(|(a, _)| *a == port.configured) {
+                // [http] ports read the new front from its cell: only a new entry restarts.
+                if port.entry != *entry {
+                    port.entry = entry.clone();
+                    self.start(port, public_tasks);
+                }
+            }
+        }
+        for mut port in fresh {
+            report.opened.push(port.configured);
+            self.start(&mut port, public_tasks);
+            ports.push(port);
+        }
+        self.public = ports;
+        self.settings = new;
+        Ok(report)
     }
 }
 
@@ -991,7 +1313,7 @@ async fn watch_parked(shared: Arc<Shared>, dup: TcpStream, pooled: u64) {
 async fn client_accept_loop(
     shared: Arc<Shared>,
     service: String,
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     accept_proxy: bool,
 ) {
     loop {

@@ -22,7 +22,6 @@ use dialback_core::ErrorCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
-use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use crate::gateway::{open_data, DataConn, GatewayError, OpenError, Shared};
@@ -58,23 +57,35 @@ pub(crate) struct Front {
     accept_proxy: bool,
 }
 
-/// The HTTP entry point with its listeners bound.
-pub(crate) struct BoundHttp {
-    front: Arc<Front>,
-    plain: Option<TcpListener>,
-    tls: Option<TcpListener>,
+/// The current [`Front`]: a configuration reload swaps it; a connection picks it up at its
+/// next request.
+pub(crate) struct FrontCell(std::sync::RwLock<Arc<Front>>);
+
+impl FrontCell {
+    pub(crate) fn new(front: Front) -> Arc<Self> {
+        Arc::new(FrontCell(std::sync::RwLock::new(Arc::new(front))))
+    }
+
+    pub(crate) fn load(&self) -> Arc<Front> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) fn store(&self, front: Front) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(front);
+    }
 }
 
 fn config_error(e: impl std::fmt::Display) -> GatewayError {
     GatewayError::Http(e.to_string())
 }
 
-/// Checks the routes, loads the certificates and binds the ports of `[http]`.
-pub(crate) async fn bind(
+/// Checks the routes and loads the certificates of `[http]` (the ports are bound by the
+/// gateway with its other public listeners).
+pub(crate) fn front(
     settings: &HttpSettings,
     handshake_timeout: Duration,
     token_ttl: Duration,
-) -> Result<BoundHttp, GatewayError> {
+) -> Result<Front, GatewayError> {
     let router = Router::new(
         settings
             .routes
@@ -93,87 +104,28 @@ pub(crate) async fn bind(
         )?)),
         None => None,
     };
-    let plain = match settings.listen {
-        Some(addr) => Some(bind_one(addr, "[http] listen").await?),
-        None => None,
-    };
-    let tls_listener = match settings.tls_listen {
-        Some(addr) => Some(bind_one(addr, "[http] tls_listen").await?),
-        None => None,
-    };
-    Ok(BoundHttp {
-        front: Arc::new(Front {
-            router,
-            limits: Limits {
-                max_head: settings.max_head,
-                max_headers: 100,
-            },
-            head_timeout: settings.head_timeout,
-            idle_timeout: settings.idle_timeout,
-            response_timeout: settings.response_timeout,
-            handshake_timeout,
-            token_ttl,
-            tls,
-            accept_proxy: settings.accept_proxy,
-        }),
-        plain,
-        tls: tls_listener,
+    Ok(Front {
+        router,
+        limits: Limits {
+            max_head: settings.max_head,
+            max_headers: 100,
+        },
+        head_timeout: settings.head_timeout,
+        idle_timeout: settings.idle_timeout,
+        response_timeout: settings.response_timeout,
+        handshake_timeout,
+        token_ttl,
+        tls,
+        accept_proxy: settings.accept_proxy,
     })
 }
 
-async fn bind_one(addr: SocketAddr, what: &str) -> Result<TcpListener, GatewayError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| GatewayError::Bind {
-            addr,
-            what: what.to_owned(),
-            source,
-        })
-}
-
-impl BoundHttp {
-    /// The bound addresses of `listen` and `tls_listen`.
-    pub(crate) fn addrs(&self) -> (Option<SocketAddr>, Option<SocketAddr>) {
-        let addr = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
-        (addr(&self.plain), addr(&self.tls))
-    }
-
-    /// Starts accepting on both ports.
-    pub(crate) fn spawn(
-        self,
-        shared: &Arc<Shared>,
-        metrics: Arc<GatewayMetrics>,
-        tasks: &mut JoinSet<()>,
-    ) {
-        let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        if let Some(l) = self.plain {
-            info!(addr = %addr(&l), "listening for HTTP clients");
-            tasks.spawn(accept_loop(
-                shared.clone(),
-                metrics.clone(),
-                self.front.clone(),
-                l,
-                false,
-            ));
-        }
-        if let Some(l) = self.tls {
-            info!(addr = %addr(&l), "listening for HTTPS clients");
-            tasks.spawn(accept_loop(
-                shared.clone(),
-                metrics.clone(),
-                self.front.clone(),
-                l,
-                true,
-            ));
-        }
-    }
-}
-
-async fn accept_loop(
+/// Accepts HTTP (`https == false`) or HTTPS clients on one of `[http]`'s ports until aborted.
+pub(crate) async fn accept_loop(
     shared: Arc<Shared>,
     metrics: Arc<GatewayMetrics>,
-    front: Arc<Front>,
-    listener: TcpListener,
+    cell: Arc<FrontCell>,
+    listener: Arc<TcpListener>,
     https: bool,
 ) {
     loop {
@@ -183,7 +135,7 @@ async fn accept_loop(
                 tokio::spawn(client(
                     shared.clone(),
                     metrics.clone(),
-                    front.clone(),
+                    cell.clone(),
                     tcp,
                     peer,
                     https,
@@ -201,11 +153,12 @@ async fn accept_loop(
 async fn client(
     shared: Arc<Shared>,
     metrics: Arc<GatewayMetrics>,
-    front: Arc<Front>,
+    cell: Arc<FrontCell>,
     mut tcp: TcpStream,
     peer: SocketAddr,
     https: bool,
 ) {
+    let front = cell.load();
     let mut public = tcp.local_addr().ok();
     let peer = if front.accept_proxy {
         match crate::proxy_header::read(&mut tcp, peer, front.handshake_timeout).await {
@@ -256,6 +209,7 @@ async fn client(
         shared,
         metrics,
         front,
+        cell,
         peer,
         public,
         https,
@@ -301,7 +255,9 @@ impl Backend {
 struct Conn {
     shared: Arc<Shared>,
     metrics: Arc<GatewayMetrics>,
+    /// The front this request is served with; `cell` holds the newest.
     front: Arc<Front>,
+    cell: Arc<FrontCell>,
     peer: SocketAddr,
     public: Option<SocketAddr>,
     https: bool,
@@ -327,6 +283,10 @@ impl Conn {
     async fn serve(mut self) {
         let mut first = true;
         loop {
+            if !first {
+                // A reload since the last request applies from this one on.
+                self.front = self.cell.load();
+            }
             let head = match self.read_head(first).await {
                 Some(h) => h,
                 None => return,

@@ -19,7 +19,7 @@ impl fmt::Debug for Secret {
 }
 
 /// Where the gateway's TLS identity comes from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct IdentitySource {
     /// PEM certificate chain and key given by the operator; both or neither.
     pub cert: Option<PathBuf>,
@@ -28,7 +28,7 @@ pub struct IdentitySource {
     pub state_dir: PathBuf,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct GatewaySettings {
     /// Agents' control and data connections.
     pub listen: SocketAddr,
@@ -50,7 +50,7 @@ pub struct GatewaySettings {
 
 /// The `[http]` section: public HTTP and HTTPS ports that route requests to services by path
 /// prefix or host name.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HttpSettings {
     pub listen: Option<SocketAddr>,
     pub tls_listen: Option<SocketAddr>,
@@ -71,7 +71,7 @@ pub struct HttpSettings {
     pub accept_proxy: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HttpCert {
     /// Names (or `*.domain`) this certificate is chosen for; may be empty for the default.
     pub names: Vec<String>,
@@ -79,7 +79,7 @@ pub struct HttpCert {
     pub key: PathBuf,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HttpRoute {
     pub service: String,
     /// `/~~name` unless configured otherwise.
@@ -93,7 +93,7 @@ pub const DEFAULT_HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_HTTP_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_HTTP_MAX_HEAD: usize = 16 * 1024;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct GatewayService {
     pub name: String,
     pub password: Secret,
