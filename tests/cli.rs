@@ -290,6 +290,7 @@ fn systemd_units_have_the_essentials() {
             "dialback-gateway.service",
             vec![
                 "ExecStart=/usr/local/bin/dialback gateway -c /etc/dialback/gateway.toml",
+                "ExecReload=/bin/kill -HUP $MAINPID",
                 "CapabilityBoundingSet=CAP_NET_BIND_SERVICE",
                 "AmbientCapabilities=CAP_NET_BIND_SERVICE",
                 "LimitNOFILE=1048576",
