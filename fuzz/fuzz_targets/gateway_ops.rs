@@ -76,6 +76,9 @@ enum Op {
     AdvanceSecs(u8),
     Timeout,
     PooledGone { pick: u8 },
+    /// A configuration reload: each service kept or removed; `web` maybe with another
+    /// password and pool.
+    Reconfigure { keep_web: bool, keep_secure: bool, web_password: bool, web_pool: u8 },
 }
 
 struct ConnInfo {
@@ -227,33 +230,38 @@ impl H {
     }
 }
 
+fn web_config(password_key: PasswordKey, pool: usize) -> ServiceConfig {
+    ServiceConfig {
+        name: "web".into(),
+        password_key,
+        data_tls: false,
+        max_pending: 3,
+        pool,
+        pool_max_idle: Duration::from_secs(50),
+        allow_from: Default::default(),
+        clients_allow: Default::default(),
+        send_proxy: None,
+    }
+}
+
+fn secure_config() -> ServiceConfig {
+    ServiceConfig {
+        name: "secure".into(),
+        password_key: password("secure"),
+        data_tls: true,
+        max_pending: 2,
+        pool: 0,
+        pool_max_idle: Duration::from_secs(50),
+        allow_from: dialback_core::acl::AllowList::parse(&["192.0.2.0/31"]).unwrap(),
+        clients_allow: Default::default(),
+        send_proxy: None,
+    }
+}
+
 fuzz_target!(|ops: Vec<Op>| {
     let epoch = Instant::now();
     let timing = Timing::default();
-    let services = vec![
-        ServiceConfig {
-            name: "web".into(),
-            password_key: password("web"),
-            data_tls: false,
-            max_pending: 3,
-            pool: 2,
-            pool_max_idle: Duration::from_secs(50),
-            allow_from: Default::default(),
-            clients_allow: Default::default(),
-            send_proxy: None,
-        },
-        ServiceConfig {
-            name: "secure".into(),
-            password_key: password("secure"),
-            data_tls: true,
-            max_pending: 2,
-            pool: 0,
-            pool_max_idle: Duration::from_secs(50),
-            allow_from: dialback_core::acl::AllowList::parse(&["192.0.2.0/31"]).unwrap(),
-            clients_allow: Default::default(),
-            send_proxy: None,
-        },
-    ];
+    let services = vec![web_config(password("web"), 2), secure_config()];
     let gw = Gateway::new(GatewayConfig { timing, services }, [9; 32]);
     let mut h = H {
         gw,
@@ -428,6 +436,36 @@ fuzz_target!(|ops: Vec<Op>| {
                 h.gw.handle_pooled_gone(h.now, id, "fuzz");
                 h.parked.remove(&id);
                 h.finished_pooled.insert(id);
+            }
+            Op::Reconfigure { keep_web, keep_secure, web_password, web_pool } => {
+                let mut services = Vec::new();
+                if keep_web {
+                    let key = if web_password { PasswordKey::from_bytes([0xee; 32]) } else { password("web") };
+                    services.push(web_config(key, usize::from(web_pool % 4)));
+                }
+                if keep_secure {
+                    services.push(secure_config());
+                }
+                let kept: Vec<&str> = services.iter().map(|s| if s.name == "web" { "web" } else { "secure" }).collect();
+                let open_before: Vec<bool> = h.conns.iter().map(|c| !c.closed_out).collect();
+                let report = h.gw.reconfigure(h.now, services);
+                h.drain();
+                for name in &report.removed {
+                    assert!(!kept.contains(&name.as_str()), "{name} reported removed but kept");
+                    assert!(!h.gw.is_online(name), "removed service {name} still online");
+                }
+                for (ci, c) in h.conns.iter().enumerate() {
+                    let Some((svc, _)) = &c.registered else { continue };
+                    if kept.contains(&svc.as_str()) {
+                        // A reload never ends a session of a service that stays.
+                        assert_eq!(open_before[ci], !c.closed_out, "a reload closed a session of kept service {svc}");
+                    } else {
+                        assert!(c.closed_out, "the session of removed service {svc} stayed open");
+                    }
+                }
+                for (_, (svc, _)) in h.parked.iter() {
+                    assert!(kept.contains(&svc.as_str()), "a pooled connection of removed service {svc} stayed parked");
+                }
             }
             Op::Timeout => {
                 h.gw.handle_timeout(h.now);
