@@ -225,6 +225,7 @@ async fn demo_async(opts: DemoOptions) -> anyhow::Result<()> {
         accept_proxy: false,
         max_handshakes: dialback_tokio::settings::DEFAULT_MAX_HANDSHAKES,
         drain_timeout: Duration::from_secs(1),
+        tcp_keepalive: dialback_tokio::sockopt::DEFAULT_TCP_KEEPALIVE,
     };
     let gw = BoundGateway::bind(gw_settings).await.context("cannot start the demo gateway (is another program using the port? try --gateway-port/--public-port)")?;
     let gw_addr = gw.listen_addr()?;
@@ -254,6 +255,7 @@ async fn demo_async(opts: DemoOptions) -> anyhow::Result<()> {
         connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         proxies: Vec::new(),
         admin_listen: None,
+        tcp_keepalive: dialback_tokio::sockopt::DEFAULT_TCP_KEEPALIVE,
     };
     let mut agent_stop = stop_rx.clone();
     let agent_task = tokio::spawn(agent::run(agent_settings, async move {

@@ -76,6 +76,7 @@ struct Ctx {
     server_name: rustls_pki_types::ServerName<'static>,
     connector: tokio_rustls::TlsConnector,
     connect_timeout: Duration,
+    tcp_keepalive: Duration,
     timing: Timing,
     proxies: Vec<dialback_core::connect_chain::ProxyHop>,
     metrics: Arc<AgentMetrics>,
@@ -138,6 +139,7 @@ pub async fn run_with_metrics(
             server_name,
             connector: connector.clone(),
             connect_timeout: settings.connect_timeout,
+            tcp_keepalive: settings.tcp_keepalive,
             timing: Timing {
                 handshake_timeout: settings.connect_timeout,
                 ..Timing::default()
@@ -267,9 +269,14 @@ async fn service_loop(
 
 async fn dial(ctx: &Ctx, tls: bool) -> Result<MaybeTls, SessionEnd> {
     let fut = async {
-        let out = crate::outbound::connect(&ctx.gateway, &ctx.proxies, ctx.connect_timeout)
-            .await
-            .map_err(SessionEnd::Connect)?;
+        let out = crate::outbound::connect(
+            &ctx.gateway,
+            &ctx.proxies,
+            ctx.connect_timeout,
+            ctx.tcp_keepalive,
+        )
+        .await
+        .map_err(SessionEnd::Connect)?;
         if !tls {
             return Ok(MaybeTls::Outbound(out));
         }

@@ -368,6 +368,7 @@ fn restart_only(old: &GatewaySettings, new: &GatewaySettings) -> Vec<&'static st
     differs("accept_proxy", old.accept_proxy != new.accept_proxy);
     differs("max_handshakes", old.max_handshakes != new.max_handshakes);
     differs("drain_timeout", old.drain_timeout != new.drain_timeout);
+    differs("tcp_keepalive", old.tcp_keepalive != new.tcp_keepalive);
     let t = (&old.timing, &new.timing);
     differs("heartbeat", t.0.heartbeat != t.1.heartbeat);
     differs("dead_after", t.0.dead_after != t.1.dead_after);
@@ -474,9 +475,9 @@ impl BoundGateway {
 
         let names: Vec<String> = settings.services.iter().map(|s| s.name.clone()).collect();
         let metrics = Arc::new(GatewayMetrics::new(&names));
-        let listener = bind(settings.listen, "agents' listen").await?;
+        let listener = bind(settings.listen, "agents' listen", settings.tcp_keepalive).await?;
         let admin = match settings.admin_listen {
-            Some(addr) => Some(bind(addr, "admin_listen").await?),
+            Some(addr) => Some(bind(addr, "admin_listen", Duration::ZERO).await?),
             None => None,
         };
         let http = match &settings.http {
@@ -489,7 +490,7 @@ impl BoundGateway {
         };
         let mut public = Vec::new();
         for (addr, entry) in public_entries(&settings) {
-            let l = bind(addr, &entry.describe()).await?;
+            let l = bind(addr, &entry.describe(), settings.tcp_keepalive).await?;
             public.push(PublicPort {
                 configured: addr,
                 entry,
@@ -679,6 +680,7 @@ impl BoundGateway {
         new.accept_proxy = self.settings.accept_proxy;
         new.max_handshakes = self.settings.max_handshakes;
         new.drain_timeout = self.settings.drain_timeout;
+        new.tcp_keepalive = self.settings.tcp_keepalive;
         new.timing = self.settings.timing;
 
         let services = service_configs(&new.services, &self.keys).await?;
@@ -697,7 +699,7 @@ impl BoundGateway {
             if self.public.iter().any(|p| p.configured == *addr) {
                 continue;
             }
-            let l = bind(*addr, &entry.describe()).await?;
+            let l = bind(*addr, &entry.describe(), new.tcp_keepalive).await?;
             fresh.push(PublicPort {
                 configured: *addr,
                 entry: entry.clone(),
@@ -763,14 +765,21 @@ impl BoundGateway {
     }
 }
 
-async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, GatewayError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| GatewayError::Bind {
-            addr,
-            what: what.to_owned(),
-            source,
-        })
+/// Binds a listener whose accepted connections get TCP keepalive after `keepalive` of silence
+/// (zero: none).
+async fn bind(
+    addr: SocketAddr,
+    what: &str,
+    keepalive: Duration,
+) -> Result<TcpListener, GatewayError> {
+    let error = |source| GatewayError::Bind {
+        addr,
+        what: what.to_owned(),
+        source,
+    };
+    let l = TcpListener::bind(addr).await.map_err(error)?;
+    crate::sockopt::keepalive(&l, keepalive).map_err(error)?;
+    Ok(l)
 }
 
 async fn timer_task(shared: Arc<Shared>) {

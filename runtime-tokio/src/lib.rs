@@ -10,6 +10,7 @@ pub mod outbound;
 pub mod proxy_header;
 pub mod relay;
 pub mod settings;
+pub mod sockopt;
 pub mod splice;
 pub mod stream;
 pub mod tls;

@@ -38,6 +38,7 @@ pub async fn connect(
     gateway: &str,
     proxies: &[ProxyHop],
     timeout: Duration,
+    keepalive: Duration,
 ) -> Result<Outbound, String> {
     let deadline = tokio::time::Instant::now() + timeout;
     let Some(first) = proxies.first() else {
@@ -48,6 +49,7 @@ pub async fn connect(
             })?
             .map_err(|e| format!("cannot connect to gateway {gateway}: {e}"))?;
         let _ = tcp.set_nodelay(true);
+        let _ = crate::sockopt::keepalive(&tcp, keepalive);
         return Ok(Outbound {
             early: Vec::new(),
             pos: 0,
@@ -78,6 +80,7 @@ pub async fn connect(
             .map_err(|_| format!("proxy hop 1 ({first_addr}): no answer within {timeout:?}"))?
             .map_err(|e| format!("proxy hop 1 ({first_addr}): cannot connect: {e}"))?;
         let _ = tcp.set_nodelay(true);
+        let _ = crate::sockopt::keepalive(&tcp, keepalive);
         Ok::<_, String>(tcp)
     };
     let mut tcp = dial_first().await?;
@@ -187,5 +190,48 @@ impl AsyncWrite for Outbound {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    fn keepalive_idle(s: &TcpStream) -> (i32, i32) {
+        let get = |level, name| {
+            let mut v: i32 = -1;
+            let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
+            // SAFETY: `v` and `len` outlive the call; `len` is the size of `v`.
+            let rc = unsafe {
+                libc::getsockopt(
+                    s.as_raw_fd(),
+                    level,
+                    name,
+                    (&mut v as *mut i32).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!(rc, 0);
+            v
+        };
+        (
+            get(libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+            get(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
+        )
+    }
+
+    #[tokio::test]
+    async fn connections_to_the_gateway_get_keepalive() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let out = connect(&addr, &[], Duration::from_secs(5), Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(keepalive_idle(&out.into_parts().1), (1, 30));
+        let off = connect(&addr, &[], Duration::from_secs(5), Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(keepalive_idle(&off.into_parts().1).0, 0);
     }
 }

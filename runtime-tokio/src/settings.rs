@@ -46,6 +46,8 @@ pub struct GatewaySettings {
     pub max_handshakes: usize,
     /// On shutdown, how long relayed clients may take to finish before they are cut.
     pub drain_timeout: Duration,
+    /// Keepalive on every connection accepted (see [`crate::sockopt::keepalive`]); zero: off.
+    pub tcp_keepalive: Duration,
 }
 
 /// The `[http]` section: public HTTP and HTTPS ports that route requests to services by path
@@ -149,6 +151,9 @@ pub struct AgentSettings {
     pub proxies: Vec<dialback_core::connect_chain::ProxyHop>,
     /// Serves the agent's `/metrics` when set.
     pub admin_listen: Option<SocketAddr>,
+    /// Keepalive on the connections to the gateway (see [`crate::sockopt::keepalive`]);
+    /// zero: off.
+    pub tcp_keepalive: Duration,
 }
 
 #[derive(Debug, Clone)]

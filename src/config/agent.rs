@@ -31,6 +31,7 @@ struct RawAgent {
     reconnect_min: Option<Spanned<RawDuration>>,
     reconnect_max: Option<Spanned<RawDuration>>,
     connect_timeout: Option<Spanned<RawDuration>>,
+    tcp_keepalive: Option<Spanned<RawDuration>>,
     #[serde(default)]
     proxies: Vec<super::proxies::RawProxy>,
     admin_listen: Option<Spanned<String>>,
@@ -152,6 +153,7 @@ pub fn parse(
         &raw.connect_timeout,
         DEFAULT_CONNECT_TIMEOUT,
     )?;
+    let tcp_keepalive = super::gateway::keepalive(src, &raw.tcp_keepalive)?;
     let proxies = super::proxies::parse(src, raw.proxies, env)?;
     let admin_listen = match &raw.admin_listen {
         None => None,
@@ -172,6 +174,7 @@ pub fn parse(
             connect_timeout,
             proxies,
             admin_listen,
+            tcp_keepalive,
         },
         warnings,
     ))

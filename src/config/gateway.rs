@@ -10,6 +10,7 @@ use dialback_tokio::settings::{
     GatewayService, GatewaySettings, IdentitySource, DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_HANDSHAKES,
     DEFAULT_MAX_PENDING, DEFAULT_POOL, DEFAULT_POOL_MAX_IDLE, MAX_POOL,
 };
+use dialback_tokio::sockopt::DEFAULT_TCP_KEEPALIVE;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -38,6 +39,7 @@ struct RawGateway {
     accept_proxy: bool,
     max_handshakes: Option<Spanned<i64>>,
     drain_timeout: Option<Spanned<RawDuration>>,
+    tcp_keepalive: Option<Spanned<RawDuration>>,
     http: Option<Spanned<super::http::RawHttp>>,
     #[serde(default)]
     services: BTreeMap<Spanned<String>, RawService>,
@@ -174,6 +176,9 @@ pub fn check(src: &Source<'_>, env: EnvLookup<'_>) -> Result<Checked, ConfigErro
     )
     .map_err(|e| problems.push(e))
     .unwrap_or(DEFAULT_DRAIN_TIMEOUT);
+    let tcp_keepalive = keepalive(src, &raw.tcp_keepalive)
+        .map_err(|e| problems.push(e))
+        .unwrap_or(DEFAULT_TCP_KEEPALIVE);
     let settings = match (listen, identity, timing) {
         (Some(listen), Some(identity), Some(timing)) if problems.is_empty() => {
             Some(GatewaySettings {
@@ -186,6 +191,7 @@ pub fn check(src: &Source<'_>, env: EnvLookup<'_>) -> Result<Checked, ConfigErro
                 accept_proxy: raw.accept_proxy,
                 max_handshakes,
                 drain_timeout,
+                tcp_keepalive,
             })
         }
         _ => None,
@@ -309,6 +315,29 @@ fn timing(src: &Source<'_>, raw: &RawGateway, problems: &mut Vec<ConfigError>) -
         return None;
     }
     Some(timing)
+}
+
+/// `tcp_keepalive`: "0s" or "off" turns it off; otherwise from 1 s (the kernel counts in seconds) to
+/// 2 h.
+pub(super) fn keepalive(
+    src: &Source<'_>,
+    value: &Option<Spanned<RawDuration>>,
+) -> Result<Duration, ConfigError> {
+    if let Some(RawDuration::Text(t)) = value.as_ref().map(Spanned::get_ref) {
+        if t == "off" || super::duration::parse_duration(t) == Ok(Duration::ZERO) {
+            return Ok(Duration::ZERO);
+        }
+    }
+    let d = duration(src, "tcp_keepalive", value, DEFAULT_TCP_KEEPALIVE)?;
+    if !d.is_zero() && (d < Duration::from_secs(1) || d > Duration::from_secs(7200)) {
+        let span = value.as_ref().map(Spanned::span);
+        return Err(src.error_at(
+            span,
+            "tcp_keepalive",
+            format!("must be \"off\" (or \"0s\") or from 1s to 2h (got {d:?})"),
+        ));
+    }
+    Ok(d)
 }
 
 pub(super) fn duration(

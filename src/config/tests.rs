@@ -1184,3 +1184,28 @@ fn gateways_fleet() {
         assert!(e.to_string().contains(why), "{e}");
     }
 }
+
+#[test]
+fn tcp_keepalive_defaults_to_a_minute_and_can_be_turned_off() {
+    let (s, _) = gw(MINIMAL_GATEWAY).unwrap();
+    assert_eq!(s.tcp_keepalive, Duration::from_secs(60));
+    for off in ["\"0s\"", "\"off\""] {
+        let (s, _) = gw(&format!("tcp_keepalive = {off}\n{MINIMAL_GATEWAY}")).unwrap();
+        assert_eq!(s.tcp_keepalive, Duration::ZERO);
+    }
+    let (a, _) = ag(MINIMAL_AGENT).unwrap();
+    assert_eq!(a.tcp_keepalive, Duration::from_secs(60));
+    let (a, _) = ag(&format!("tcp_keepalive = \"15s\"\n{MINIMAL_AGENT}")).unwrap();
+    assert_eq!(a.tcp_keepalive, Duration::from_secs(15));
+    for bad in ["\"500ms\"", "\"3h\""] {
+        let e = gw_err(&format!("tcp_keepalive = {bad}\n{MINIMAL_GATEWAY}"));
+        assert_eq!(e.line(), Some(1), "{e}");
+        assert!(
+            e.to_string()
+                .contains("tcp_keepalive: must be \"off\" (or \"0s\") or from 1s to 2h"),
+            "{e}"
+        );
+        let e = ag_err(&format!("tcp_keepalive = {bad}\n{MINIMAL_AGENT}"));
+        assert_eq!(e.line(), Some(1), "{e}");
+    }
+}
