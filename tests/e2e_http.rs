@@ -993,3 +993,103 @@ fn https_serves_two_names_with_their_own_certificates() {
         "path:/secure"
     );
 }
+
+/// A service that answers the first half of its body at once and the second when `release`
+/// says so; every request gets `HTTP/1.1 200` with a 10-byte body "hello" + "world".
+fn half_then_wait(release: std::sync::mpsc::Receiver<()>) -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let release = std::sync::Arc::new(std::sync::Mutex::new(release));
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let release = release.clone();
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut b) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&b[..n]),
+                    }
+                }
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello");
+                let _ = release
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(Duration::from_secs(30));
+                let _ = s.write_all(b"world");
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn sigterm_lets_a_response_in_flight_finish_and_does_not_wait_for_idle_connections() {
+    let dir = Dir::new();
+    let (release, wait) = std::sync::mpsc::channel();
+    let slow = half_then_wait(wait);
+    let mut s = Setup::start(
+        &dir,
+        FAST_TIMERS,
+        "listen = \"127.0.0.1:0\"\n",
+        &[Svc {
+            name: "slow",
+            local: slow,
+            gateway_keys: "",
+        }],
+        &[],
+    );
+    let http = s.http.unwrap();
+    let request = b"GET /~~slow/ HTTP/1.1\r\nHost: gw\r\n\r\n";
+
+    // An idle kept-alive connection: one whole exchange, then nothing.
+    let mut idle = TcpStream::connect(http).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    idle.write_all(request).unwrap();
+    release.send(()).unwrap();
+    let mut buf = Vec::new();
+    let (status, body) = read_response(&mut idle, &mut buf).expect("first response");
+    assert_eq!((status, body.as_slice()), (200, &b"helloworld"[..]));
+
+    // A response in flight: half of its body is here when the gateway is told to stop.
+    let mut busy = TcpStream::connect(http).unwrap();
+    busy.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    busy.write_all(request).unwrap();
+    let mut got = Vec::new();
+    let mut b = [0u8; 256];
+    while !got.ends_with(b"hello") {
+        let n = busy.read(&mut b).unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&b[..n]);
+    }
+    s.gw.proc.signal("TERM");
+    let line =
+        s.gw.proc
+            .wait_for("drain start", Duration::from_secs(20), |l| {
+                message_contains(l, "shutting down: no new clients")
+            });
+    assert_eq!(field(&line, "active").as_deref(), Some("1"), "{line}");
+
+    // The response finishes during the drain; then the gateway exits without waiting for
+    // the idle connection.
+    release.send(()).unwrap();
+    while !got.ends_with(b"helloworld") {
+        let n = busy.read(&mut b).unwrap();
+        assert!(
+            n > 0,
+            "cut during the drain: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&b[..n]);
+    }
+    s.gw.proc.wait_for("drained", Duration::from_secs(20), |l| {
+        message_is(l, "drained: every connection finished")
+    });
+    assert_eq!(s.gw.proc.wait_exit(Duration::from_secs(20)), Some(0));
+    drop(s.agent.take());
+    drop(idle);
+}

@@ -292,6 +292,9 @@ impl Conn {
                 None => return,
             };
             first = false;
+            // A request in flight (its upload, its response, an upgraded connection) is
+            // waited for by a graceful shutdown; an idle kept-alive connection is not.
+            let _in_flight = self.shared.drain.guard();
             match self.handle(head).await {
                 Some(Exchanged::Done { close: false, .. }) => {}
                 Some(Exchanged::Done { close: true, .. }) | None => {
