@@ -429,3 +429,74 @@ fn wait_for_status(http: SocketAddr, path: &str, status: u16) -> String {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn reloads_under_load_never_drop_a_connection_on_a_port_that_stays() {
+    let dir = Dir::new();
+    let (admin, web_port, extra_port) = (free_port(), free_port(), free_port());
+    let web_addr: SocketAddr = ([127, 0, 0, 1], web_port).into();
+    let base = [service_block("web", "web-password", web_port)];
+    let with_extra = [
+        service_block("web", "web-password", web_port),
+        service_block("extra", "extra-password", extra_port),
+    ];
+    let conf = dir.write("gateway.toml", &gateway_text(admin, &base));
+    let gw = RunningGateway::start(&conf);
+    let echo = echo_server();
+    let _a = agent(&dir, "agent.toml", &gw, &[("web", "web-password", echo)]);
+    gw.wait_registered("web", 1);
+    wait_echo_works(web_addr, WAIT);
+
+    // Clients keep coming on web's port (bounded in count and time)...
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0u32, 0u32);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && Instant::now() < deadline
+                && ok + failed < 20_000
+            {
+                if try_echo(web_addr, &(ok + failed).to_be_bytes()) {
+                    ok += 1;
+                } else {
+                    failed += 1;
+                }
+            }
+            (ok, failed)
+        })
+    };
+    // ...while another service comes and goes, ten times.
+    const RELOADS: usize = 10;
+    for i in 0..RELOADS {
+        let text = if i % 2 == 0 {
+            &with_extra[..]
+        } else {
+            &base[..]
+        };
+        replace_file(&conf, &gateway_text(admin, text));
+        gw.proc.signal("HUP");
+        gw.proc.wait_for_nth("reload", i + 1, WAIT, |l| {
+            reloaded(l) && field(l, "trigger").as_deref() == Some("SIGHUP")
+        });
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.join().unwrap();
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} connections failed during reloads",
+        ok + failed
+    );
+    assert!(
+        ok >= RELOADS as u32,
+        "only {ok} connections ran during the reloads"
+    );
+    assert_eq!(
+        gw.proc.count(|l| message_is(l, "agent registered")),
+        1,
+        "web's agent kept its session"
+    );
+    eprintln!("{ok} connections during {RELOADS} reloads, none failed");
+}
