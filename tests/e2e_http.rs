@@ -836,74 +836,85 @@ fn slow_agents_and_services_get_504_and_crowds_503_never_a_hang() {
 
 /// A test CA and leaf certificates made with the openssl command line.
 fn make_certs(dir: &Path, names: &[&str]) -> PathBuf {
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=dialback test CA",
-    ]);
-    for name in names {
-        run(&[
+    openssl(
+        dir,
+        &[
             "req",
+            "-x509",
             "-newkey",
             "ec",
             "-pkeyopt",
             "ec_paramgen_curve:P-256",
             "-nodes",
             "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-            "-subj",
-            &format!("/CN={name}"),
-        ]);
-        std::fs::write(
-            dir.join(format!("{name}.ext")),
-            format!("subjectAltName=DNS:{name}\nbasicConstraints=CA:FALSE\n"),
-        )
-        .unwrap();
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}.csr"),
-            "-CA",
-            "ca.crt",
-            "-CAkey",
             "ca.key",
-            "-CAcreateserial",
             "-out",
-            &format!("{name}.crt"),
+            "ca.crt",
             "-days",
             "2",
-            "-extfile",
-            &format!("{name}.ext"),
-        ]);
+            "-subj",
+            "/CN=dialback test CA",
+        ],
+    );
+    for name in names {
+        leaf_cert(dir, name, name);
     }
     dir.join("ca.crt")
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `NAME.crt` and `NAME.key` in `dir` for DNS name `name`, with subject `CN=cn`, signed by the
+/// CA of [`make_certs`].
+fn leaf_cert(dir: &Path, name: &str, cn: &str) {
+    let run = |args: &[&str]| openssl(dir, args);
+    run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        &format!("{name}.key"),
+        "-out",
+        &format!("{name}.csr"),
+        "-subj",
+        &format!("/CN={cn}"),
+    ]);
+    std::fs::write(
+        dir.join(format!("{name}.ext")),
+        format!("subjectAltName=DNS:{name}\nbasicConstraints=CA:FALSE\n"),
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        &format!("{name}.csr"),
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        &format!("{name}.crt"),
+        "-days",
+        "2",
+        "-extfile",
+        &format!("{name}.ext"),
+    ]);
 }
 
 #[test]
@@ -1092,4 +1103,55 @@ fn sigterm_lets_a_response_in_flight_finish_and_does_not_wait_for_idle_connectio
     assert_eq!(s.gw.proc.wait_exit(Duration::from_secs(20)), Some(0));
     drop(s.agent.take());
     drop(idle);
+}
+
+#[test]
+fn a_renewed_certificate_is_served_after_sighup() {
+    let dir = Dir::new();
+    let ca = make_certs(dir.path(), &["one.test"]);
+    let alpha = Helper::web("alpha");
+    let setup = Setup::start(
+        &dir,
+        FAST_TIMERS,
+        "tls_listen = \"127.0.0.1:0\"\ncert = \"one.test.crt\"\nkey = \"one.test.key\"",
+        &[Svc {
+            name: "alpha",
+            local: alpha.addr,
+            gateway_keys: "",
+        }],
+        &[],
+    );
+    let port = setup.https.unwrap().port();
+    let subject = || {
+        let resolve = format!("one.test:{port}:127.0.0.1");
+        let out = curl(&[
+            "-v",
+            "--cacert",
+            ca.to_str().unwrap(),
+            "--resolve",
+            &resolve,
+            &format!("https://one.test:{port}/~~alpha/whoami"),
+        ]);
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(
+            json(&String::from_utf8(out.stdout).unwrap())["service"],
+            "alpha",
+            "{log}"
+        );
+        log.lines()
+            .find_map(|l| l.split_once(" subject: ").map(|(_, s)| s.trim().to_owned()))
+            .unwrap_or_else(|| panic!("no subject in {log}"))
+    };
+    assert_eq!(subject(), "CN=one.test");
+
+    // Renewal: a new key and certificate in the same files, then SIGHUP.
+    leaf_cert(dir.path(), "one.test", "one.test renewed");
+    setup.gw.proc.signal("HUP");
+    setup
+        .gw
+        .proc
+        .wait_for("reloaded", Duration::from_secs(20), |l| {
+            message_is(l, "configuration reloaded")
+        });
+    assert_eq!(subject(), "CN=one.test renewed");
 }
