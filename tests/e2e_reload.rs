@@ -5,6 +5,9 @@
 #[path = "common/balancers.rs"]
 mod balancers;
 mod common;
+#[path = "common/procstat.rs"]
+#[allow(dead_code)]
+mod procstat;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -446,6 +449,9 @@ fn reloads_under_load_never_drop_a_connection_on_a_port_that_stays() {
     let _a = agent(&dir, "agent.toml", &gw, &[("web", "web-password", echo)]);
     gw.wait_registered("web", 1);
     wait_echo_works(web_addr, WAIT);
+    // Its listeners, the agent's control connection and the full pool.
+    let pid = gw.proc.pid();
+    let baseline = procstat::wait_sockets(pid, "gateway", 4 + 4, WAIT);
 
     // Clients keep coming on web's port (bounded in count and time)...
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -499,4 +505,10 @@ fn reloads_under_load_never_drop_a_connection_on_a_port_that_stays() {
         "web's agent kept its session"
     );
     eprintln!("{ok} connections during {RELOADS} reloads, none failed");
+    // The same configuration as at the start holds the same sockets: nothing leaked.
+    let after = procstat::wait_sockets(pid, "gateway", baseline.sockets, WAIT);
+    assert!(
+        after.fds <= baseline.fds + procstat::PIPE_STOCK_FDS,
+        "{baseline:?} -> {after:?}"
+    );
 }
