@@ -335,11 +335,16 @@ fn sighup_rereads_password_files_and_http_routes() {
     let conf = dir.write("gateway.toml", &text(&web));
     let gw = RunningGateway::start(&conf);
     let site = web_server("web");
-    let _a = agent(&dir, "agent.toml", &gw, &[("web", "first-password", site)]);
+    let a = agent(&dir, "agent.toml", &gw, &[("web", "first-password", site)]);
     gw.wait_registered("web", 1);
     let http: SocketAddr = ([127, 0, 0, 1], http_port).into();
     wait_for_status(http, "/~~web/", 200);
     assert_eq!(status_of(http, "/~~api/"), 404);
+
+    // The agent is not reloaded: a SIGHUP is logged and changes nothing.
+    a.signal("HUP");
+    a.wait_for("SIGHUP ignored", WAIT, |l| message_contains(l, "SIGHUP ignored"));
+    wait_for_status(http, "/~~web/", 200);
 
     // Only the password file changes: the file watch cannot see it, SIGHUP reads it.
     std::fs::write(&pw_file, "second-password\n").unwrap();
