@@ -124,7 +124,11 @@ async fn watch_config(
             }
             Err(e) => {
                 metrics.config_reload(false);
-                tracing::error!(reason = %e, "configuration reload refused: the running configuration is kept");
+                tracing::error!(
+                    reason = %e,
+                    hint = %format!("dialback check -c {} lists every problem", path.display()),
+                    "configuration reload refused: the running configuration is kept"
+                );
                 continue;
             }
         };
