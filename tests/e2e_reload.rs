@@ -343,7 +343,9 @@ fn sighup_rereads_password_files_and_http_routes() {
 
     // The agent is not reloaded: a SIGHUP is logged and changes nothing.
     a.signal("HUP");
-    a.wait_for("SIGHUP ignored", WAIT, |l| message_contains(l, "SIGHUP ignored"));
+    a.wait_for("SIGHUP ignored", WAIT, |l| {
+        message_contains(l, "SIGHUP ignored")
+    });
     wait_for_status(http, "/~~web/", 200);
 
     // Only the password file changes: the file watch cannot see it, SIGHUP reads it.
