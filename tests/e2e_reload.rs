@@ -5,9 +5,6 @@
 #[path = "common/balancers.rs"]
 mod balancers;
 mod common;
-#[path = "common/procstat.rs"]
-#[allow(dead_code)]
-mod procstat;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -15,6 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use balancers::free_port;
+use common::procstat;
 use common::*;
 
 const WAIT: Duration = Duration::from_secs(20);
