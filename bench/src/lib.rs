@@ -77,6 +77,7 @@ pub fn gateway_config(max_pending: usize) -> GatewayConfig {
             allow_from: Default::default(),
             clients_allow: Default::default(),
             send_proxy: None,
+            direct: false,
         }],
     }
 }

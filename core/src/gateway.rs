@@ -50,6 +50,10 @@ pub struct ServiceConfig {
     /// The PROXY header the agent is asked to send toward its local service (announced in
     /// WELCOME).
     pub send_proxy: Option<crate::proxy_protocol::Version>,
+    /// Served by the gateway dialing `upstreams` itself, not by an agent: a registration for
+    /// it is refused exactly like one for an unknown service, and `handle_client` does not
+    /// take its clients. Its `clients_allow` still applies ([`Gateway::client_allowed`]).
+    pub direct: bool,
 }
 
 /// Longest wait before refilling a pool whose connections keep failing.
@@ -543,6 +547,7 @@ impl Gateway {
         let svc = self
             .services
             .get(service)
+            .filter(|s| !s.cfg.direct)
             .ok_or_else(|| ClientReject::UnknownService(service.to_owned()))?;
         let conn_id = svc
             .session
@@ -990,7 +995,9 @@ impl Gateway {
             self.close(conn, Some(ErrorCode::Malformed), reason);
             return;
         }
-        if let Some(s) = self.services.get(&h.service) {
+        // A direct service has no agent: it is as unknown as a name never configured.
+        let registrable = self.services.get(&h.service).is_some_and(|s| !s.cfg.direct);
+        if let Some(s) = self.services.get(&h.service).filter(|_| registrable) {
             // Before the proof is looked at, so a refused address learns nothing about the
             // password.
             let rules = &s.cfg.allow_from;
@@ -1016,6 +1023,7 @@ impl Gateway {
         let svc = self
             .services
             .get(&h.service)
+            .filter(|_| registrable)
             .map(|s| (s.cfg.password_key.clone(), s.cfg.data_tls, s.session));
         let send_proxy = self.services.get(&h.service).and_then(|s| s.cfg.send_proxy);
         let pool_cfg = self

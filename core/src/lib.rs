@@ -26,6 +26,7 @@ pub mod ntlm;
 pub mod proxy_protocol;
 pub mod throttle;
 pub mod timing;
+pub mod upstream;
 pub mod wire;
 
 pub use error::ErrorCode;

@@ -69,6 +69,7 @@ fn service(name: &str, key: PasswordKey, data_tls: bool) -> ServiceConfig {
         allow_from: Default::default(),
         clients_allow: Default::default(),
         send_proxy: None,
+        direct: false,
     }
 }
 
@@ -3090,4 +3091,33 @@ fn removing_a_pooled_service_closes_its_parked_connections() {
         assert!(closed.contains(id), "parked connection {id} left open");
     }
     assert_eq!(p.gw.pooled(SERVICE), 0);
+}
+
+#[test]
+fn a_direct_service_takes_no_agent_but_keeps_its_client_rules() {
+    let mut direct = service(SERVICE, password_key(), false);
+    direct.direct = true;
+    direct.clients_allow = dialback_core::acl::AllowList::parse(&["192.0.2.0/24"]).unwrap();
+    let mut p = Pair::new(vec![direct], [3; 32], Link::new(2, &[64]));
+    // Even with the right password, registering is refused like an unknown service.
+    let a = p.agent(SERVICE, password_key(), [1; 32]);
+    p.settle();
+    assert!(p.registered(a).is_none());
+    let conn = p.sides[a].conn;
+    assert_eq!(
+        p.rejected(conn).iter().map(|r| r.2).collect::<Vec<_>>(),
+        vec![ErrorCode::AuthFailed]
+    );
+    assert!(matches!(
+        p.gw.handle_client(p.now, ClientId(1), SERVICE, None, None),
+        Err(ClientReject::UnknownService(_))
+    ));
+    assert!(p
+        .gw
+        .client_allowed(SERVICE, "192.0.2.9".parse().unwrap())
+        .is_ok());
+    assert!(p
+        .gw
+        .client_allowed(SERVICE, "198.51.100.1".parse().unwrap())
+        .is_err());
 }

@@ -241,6 +241,7 @@ fn web_config(password_key: PasswordKey, pool: usize) -> ServiceConfig {
         allow_from: Default::default(),
         clients_allow: Default::default(),
         send_proxy: None,
+        direct: false,
     }
 }
 
@@ -255,6 +256,7 @@ fn secure_config() -> ServiceConfig {
         allow_from: dialback_core::acl::AllowList::parse(&["192.0.2.0/31"]).unwrap(),
         clients_allow: Default::default(),
         send_proxy: None,
+        direct: false,
     }
 }
 

@@ -412,6 +412,7 @@ async fn service_configs(
                 allow_from: s.allow_from,
                 clients_allow: s.clients_allow,
                 send_proxy: s.send_proxy,
+                direct: false,
             })
             .collect::<Vec<_>>()
     })
