@@ -12,6 +12,7 @@ mod gateway;
 mod http;
 mod proxies;
 mod source;
+mod upstreams;
 
 use std::ffi::OsString;
 use std::fmt;
@@ -212,3 +213,5 @@ mod tests;
 mod tests_access;
 #[cfg(test)]
 mod tests_http;
+#[cfg(test)]
+mod tests_upstreams;

@@ -223,6 +223,7 @@ async fn demo_async(opts: DemoOptions) -> anyhow::Result<()> {
             clients_allow: Default::default(),
             accept_proxy: false,
             send_proxy: None,
+            upstreams: None,
         }],
         admin_listen: Some(SocketAddr::from((loopback, 0))),
         http: None,

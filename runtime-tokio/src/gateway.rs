@@ -64,6 +64,8 @@ pub(crate) struct DataConn {
     pub(crate) stream: MaybeTls,
     /// Bytes the agent sent right behind its hello; they belong to the client.
     pub(crate) early: Vec<u8>,
+    /// For a direct service: the server's slot, held for as long as the connection.
+    pub(crate) lease: Option<crate::upstream::Lease>,
 }
 
 /// A pooled data connection parked until the core binds it to a client. The stream stays
@@ -124,6 +126,8 @@ pub(crate) struct Shared {
     max_per_address: usize,
     /// Public clients being served; shutdown waits for them.
     pub(crate) drain: Arc<crate::drain::Drain>,
+    /// Direct services (`upstreams`): their servers, balancing and health checks.
+    upstreams: crate::upstream::Upstreams,
     drain_timeout: Duration,
 }
 
@@ -402,6 +406,8 @@ async fn service_configs(
             .map(|s| ServiceConfig {
                 password_key: match known.get(&s.name) {
                     Some((_, key)) => key.clone(),
+                    // Never used: no agent registers for a direct service.
+                    None if s.upstreams.is_some() => PasswordKey::from_bytes([0; 32]),
                     None => PasswordKey::derive(&s.name, &s.password.0),
                 },
                 name: s.name,
@@ -412,7 +418,7 @@ async fn service_configs(
                 allow_from: s.allow_from,
                 clients_allow: s.clients_allow,
                 send_proxy: s.send_proxy,
-                direct: false,
+                direct: s.upstreams.is_some(),
             })
             .collect::<Vec<_>>()
     })
@@ -512,7 +518,7 @@ impl BoundGateway {
             acceptor,
             handshake_timeout: settings.timing.handshake_timeout,
             token_ttl: settings.timing.token_ttl,
-            metrics,
+            metrics: metrics.clone(),
             accept_proxy: settings.accept_proxy,
             handshakes: Arc::new(tokio::sync::Semaphore::new(settings.max_handshakes)),
             saturated: Mutex::new((None, 0)),
@@ -521,7 +527,9 @@ impl BoundGateway {
             max_per_address: (settings.max_handshakes / 4).max(1),
             drain: Arc::new(crate::drain::Drain::default()),
             drain_timeout: settings.drain_timeout,
+            upstreams: crate::upstream::Upstreams::new(metrics),
         });
+        shared.upstreams.apply(&settings.services);
         let (reload_tx, reload_rx) = mpsc::channel(4);
         Ok(BoundGateway {
             shared,
@@ -729,6 +737,7 @@ impl BoundGateway {
             report.services = inner.core.reconfigure(Instant::now(), services);
             self.shared.drive(&mut inner);
         }
+        self.shared.upstreams.apply(&new.services);
         self.shared.metrics.set_services(&names);
         match (front, &self.http) {
             (Some(f), Some(cell)) => cell.store(f),
@@ -1205,7 +1214,11 @@ async fn data_conn(
         m.pairing_latency(waiting.since.elapsed());
     }
     debug!(%peer, service = %paired.service, request = paired.request_id, "data connection paired");
-    let _ = waiting.tx.send(Ok(DataConn { stream, early }));
+    let _ = waiting.tx.send(Ok(DataConn {
+        stream,
+        early,
+        lease: None,
+    }));
 }
 
 /// Parks a pooled data connection in the shared map and starts its watcher. Anything the agent
@@ -1389,6 +1402,9 @@ pub(crate) enum OpenError {
     /// No answer from the core within the safety-net timeout.
     #[error("no data connection within {0:?}")]
     Timeout(Duration),
+    /// A direct service: none of the servers tried accepted the connection (why, per server).
+    #[error("no upstream could be reached: {0}")]
+    Upstream(String),
 }
 
 /// Asks the core for a data connection to `service` on behalf of a public client and waits for
@@ -1401,6 +1417,22 @@ pub(crate) async fn open_data(
     public: Option<SocketAddr>,
 ) -> Result<DataConn, OpenError> {
     let svc = shared.metrics.service(service);
+    if let Some(group) = shared.upstreams.get(service) {
+        return match group.connect(peer).await {
+            Ok((tcp, lease)) => Ok(DataConn {
+                stream: MaybeTls::Plain(tcp),
+                early: Vec::new(),
+                lease: Some(lease),
+            }),
+            Err(why) => {
+                if let Some(m) = svc {
+                    m.client_failed("upstream_unreachable");
+                }
+                warn!(%peer, %service, "client dropped: no upstream could be reached: {why}");
+                Err(OpenError::Upstream(why))
+            }
+        };
+    }
     let since = Instant::now();
     // Each failed pooled connection leaves the pool, so this ends after at most the pool's
     // size in retries; the bound only guards against a bug.
@@ -1456,6 +1488,7 @@ pub(crate) async fn open_data(
                     return Ok(DataConn {
                         stream,
                         early: Vec::new(),
+                        lease: None,
                     });
                 }
                 Err(reason) => {
@@ -1577,7 +1610,11 @@ async fn client_conn(
     let Ok(data) = open_data(&shared, &service, peer, public).await else {
         return;
     };
-    let DataConn { stream, early } = data;
+    let DataConn {
+        stream,
+        early,
+        lease: _lease,
+    } = data;
     let Some(svc) = shared.metrics.service(&service) else {
         return;
     };

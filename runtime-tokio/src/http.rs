@@ -232,6 +232,8 @@ struct Backend {
     /// Whether a request was already served over it (it may have been closed meanwhile).
     used: bool,
     traffic: Option<ConnectionGuard>,
+    /// A direct service's server, counted as busy while this lives.
+    lease: Option<crate::upstream::Lease>,
 }
 
 impl Backend {
@@ -503,7 +505,11 @@ impl Conn {
             return None;
         }
         match open_data(&self.shared, service, self.peer, self.public).await {
-            Ok(DataConn { stream, early }) => {
+            Ok(DataConn {
+                stream,
+                early,
+                lease,
+            }) => {
                 let (rd, wr) = tokio::io::split(stream);
                 Some(Backend {
                     service: service.to_owned(),
@@ -512,6 +518,7 @@ impl Conn {
                     buf: early,
                     used: false,
                     traffic: self.metrics.service(service).map(|m| m.connection_opened()),
+                    lease,
                 })
             }
             Err(e) => {
@@ -547,6 +554,10 @@ impl Conn {
                             "the agent of service {service} could not open a connection ({})",
                             code.map_or("unknown reason", |c| c.name())
                         ),
+                    ),
+                    OpenError::Upstream(why) => (
+                        502,
+                        format!("no upstream of service {service} could be reached ({why})"),
                     ),
                     OpenError::Timeout(d) => (
                         504,
@@ -686,6 +697,7 @@ impl Conn {
             wr: be_wr,
             buf: be_buf,
             traffic,
+            lease: _lease,
             ..
         } = be;
         let mut backend = be_rd.unsplit(be_wr);
@@ -757,6 +769,7 @@ mod tests {
             buf: Vec::new(),
             used: true,
             traffic: None,
+            lease: None,
         };
         (be, theirs)
     }

@@ -14,3 +14,4 @@ pub mod sockopt;
 pub mod splice;
 pub mod stream;
 pub mod tls;
+pub mod upstream;

@@ -672,6 +672,35 @@ impl ServiceMetrics {
     }
 }
 
+/// One server of a direct service (`upstreams`).
+#[derive(Debug)]
+pub struct UpstreamStats {
+    pub service: String,
+    pub addr: String,
+    /// As the health checks and clients last found it.
+    pub up: AtomicBool,
+    /// Clients connected through it now.
+    pub active: AtomicU64,
+    pub total: AtomicU64,
+    /// Clients that could not connect to it (each then tried another server).
+    pub connect_failures: AtomicU64,
+    pub check_failures: AtomicU64,
+}
+
+impl UpstreamStats {
+    pub fn new(service: &str, addr: &str) -> Self {
+        UpstreamStats {
+            service: service.to_owned(),
+            addr: addr.to_owned(),
+            up: AtomicBool::new(true),
+            active: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+            connect_failures: AtomicU64::new(0),
+            check_failures: AtomicU64::new(0),
+        }
+    }
+}
+
 /// The gateway's metrics. Create once with the configured service names, share as
 /// `Arc<GatewayMetrics>`.
 pub struct GatewayMetrics {
@@ -683,6 +712,7 @@ pub struct GatewayMetrics {
     reload_ok: AtomicBool,
     /// Unix time in ms of the last successful reload, or of the start; 0 = never.
     reloaded_at_ms: AtomicU64,
+    upstreams: std::sync::RwLock<Vec<Arc<UpstreamStats>>>,
     registration_rejections: LabelCounters,
     auth_failures: AtomicU64,
     auth_delays: AtomicU64,
@@ -740,6 +770,7 @@ impl GatewayMetrics {
             reloads: LabelCounters::new(),
             reload_ok: AtomicBool::new(true),
             reloaded_at_ms: AtomicU64::new(unix_now_ms()),
+            upstreams: std::sync::RwLock::new(Vec::new()),
             registration_rejections: LabelCounters::new(),
             auth_failures: AtomicU64::new(0),
             auth_delays: AtomicU64::new(0),
@@ -782,6 +813,18 @@ impl GatewayMetrics {
             next.push(kept.unwrap_or_else(|| Arc::new(ServiceMetrics::new(n, self.started))));
         }
         *list = next;
+    }
+
+    /// The servers of every direct service, in configuration order.
+    pub fn set_upstreams(&self, stats: Vec<Arc<UpstreamStats>>) {
+        *self.upstreams.write().unwrap_or_else(|p| p.into_inner()) = stats;
+    }
+
+    pub fn upstreams(&self) -> Vec<Arc<UpstreamStats>> {
+        self.upstreams
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// A configuration reload was applied (`ok`) or refused, and the old one kept.
@@ -946,6 +989,48 @@ impl GatewayMetrics {
             "Control connections held before their hello because their address failed to authenticate before.",
         );
         e.int("auth_delays_total", &[], self.auth_delays());
+
+        let ups = self.upstreams();
+        let labels =
+            |u: &UpstreamStats| [("service", u.service.clone()), ("upstream", u.addr.clone())];
+        for (name, kind, help, value) in [
+            (
+                "upstream_up",
+                "gauge",
+                "1 while a direct service's upstream is healthy (health checks and clients), else 0.",
+                (|u: &UpstreamStats| u.up.load(Ordering::Relaxed) as u64) as fn(&UpstreamStats) -> u64,
+            ),
+            (
+                "upstream_connections_active",
+                "gauge",
+                "Clients connected through the upstream now.",
+                |u| u.active.load(Ordering::Relaxed),
+            ),
+            (
+                "upstream_connections_total",
+                "counter",
+                "Clients connected through the upstream.",
+                |u| u.total.load(Ordering::Relaxed),
+            ),
+            (
+                "upstream_connect_failures_total",
+                "counter",
+                "Clients that could not connect to the upstream (each then tried another).",
+                |u| u.connect_failures.load(Ordering::Relaxed),
+            ),
+            (
+                "upstream_check_failures_total",
+                "counter",
+                "Failed health checks of the upstream.",
+                |u| u.check_failures.load(Ordering::Relaxed),
+            ),
+        ] {
+            e.family(name, kind, help);
+            for u in &ups {
+                let l = labels(u);
+                e.int(name, &[(l[0].0, &l[0].1), (l[1].0, &l[1].1)], value(u));
+            }
+        }
 
         e.family(
             "config_reloads_total",
@@ -1598,6 +1683,7 @@ pub(crate) mod tests {
     /// A registry with something in every family.
     pub(crate) fn populated() -> GatewayMetrics {
         let m = GatewayMetrics::new(&names(&["web", "rdp", "idle"]));
+        m.set_upstreams(vec![Arc::new(UpstreamStats::new("api", "10.0.0.5:80"))]);
         let web = m.service("web").unwrap();
         web.agent_registered(peer(), 123, "dialback 0.1.0", 1_700_000_000_000);
         web.agent_heard(Instant::now());
@@ -1853,6 +1939,11 @@ pub(crate) mod tests {
             ("auth_failures_total", "counter"),
             ("auth_delays_total", "counter"),
             ("config_reloads_total", "counter"),
+            ("upstream_up", "gauge"),
+            ("upstream_connections_active", "gauge"),
+            ("upstream_connections_total", "counter"),
+            ("upstream_connect_failures_total", "counter"),
+            ("upstream_check_failures_total", "counter"),
             ("config_last_reload_successful", "gauge"),
             ("config_last_reload_success_timestamp_seconds", "gauge"),
             ("handshake_drops_total", "counter"),

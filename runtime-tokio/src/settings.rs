@@ -117,7 +117,23 @@ pub struct GatewayService {
     pub accept_proxy: bool,
     /// Ask the agent to send a PROXY header toward its local service.
     pub send_proxy: Option<dialback_core::proxy_protocol::Version>,
+    /// Served by the gateway dialing these itself instead of by an agent (then `password`,
+    /// the pool, `data_tls` and `send_proxy` do not apply).
+    pub upstreams: Option<UpstreamSettings>,
 }
+
+/// A direct service's servers and how they are balanced and checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamSettings {
+    /// `host:port` of each server; a name is resolved at every dial.
+    pub addrs: Vec<String>,
+    pub balance: dialback_core::upstream::Balance,
+    pub health: dialback_core::upstream::HealthCheck,
+    /// A client's connection to one server must be up within this; then the next is tried.
+    pub connect_timeout: Duration,
+}
+
+pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How the agent decides that it talks to the real gateway.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -18,6 +18,7 @@ use super::common::{parse_socket_addr, service_path, EnvLookup, PasswordKeys};
 use super::duration::RawDuration;
 use super::source::{key_path, Source};
 use super::ConfigError;
+use dialback_tokio::settings::Secret;
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7000";
 pub const DEFAULT_STATE_DIR: &str = "./dialback-state";
@@ -47,24 +48,31 @@ struct RawGateway {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawService {
-    password: Option<Spanned<String>>,
-    password_file: Option<Spanned<String>>,
-    password_env: Option<Spanned<String>>,
-    tcp_listen: Option<Spanned<String>>,
+pub(super) struct RawService {
+    pub(super) password: Option<Spanned<String>>,
+    pub(super) password_file: Option<Spanned<String>>,
+    pub(super) password_env: Option<Spanned<String>>,
+    pub(super) tcp_listen: Option<Spanned<String>>,
     #[serde(default)]
-    data_tls: bool,
-    max_pending: Option<Spanned<i64>>,
-    http_prefix: Option<Spanned<String>>,
+    pub(super) data_tls: bool,
+    pub(super) max_pending: Option<Spanned<i64>>,
+    pub(super) http_prefix: Option<Spanned<String>>,
     #[serde(default)]
-    hosts: Vec<Spanned<String>>,
-    pool: Option<Spanned<i64>>,
-    pool_max_idle: Option<Spanned<RawDuration>>,
-    allow_from: Option<super::access::RawRules>,
-    clients_allow: Option<super::access::RawRules>,
+    pub(super) hosts: Vec<Spanned<String>>,
+    pub(super) pool: Option<Spanned<i64>>,
+    pub(super) pool_max_idle: Option<Spanned<RawDuration>>,
+    pub(super) allow_from: Option<super::access::RawRules>,
+    pub(super) clients_allow: Option<super::access::RawRules>,
     #[serde(default)]
-    accept_proxy: bool,
-    send_proxy: Option<Spanned<String>>,
+    pub(super) accept_proxy: bool,
+    pub(super) send_proxy: Option<Spanned<String>>,
+    pub(super) upstreams: Option<Spanned<Vec<Spanned<String>>>>,
+    pub(super) balance: Option<Spanned<String>>,
+    pub(super) health_check_interval: Option<Spanned<RawDuration>>,
+    pub(super) health_check_timeout: Option<Spanned<RawDuration>>,
+    pub(super) fall: Option<Spanned<i64>>,
+    pub(super) rise: Option<Spanned<i64>>,
+    pub(super) connect_timeout: Option<Spanned<RawDuration>>,
 }
 
 pub fn parse(
@@ -397,12 +405,18 @@ fn services(
             problems.push(e);
             key_path(["services", name.get_ref().as_str()])
         });
-        let password = PasswordKeys {
-            password: service.password,
-            password_file: service.password_file,
-            password_env: service.password_env,
-        }
-        .resolve(src, &path, &name, env, warnings);
+        let upstreams = super::upstreams::section(src, &path, &service, problems);
+        let password = if service.upstreams.is_some() {
+            // A direct service has no agent, hence no password (its keys were refused above).
+            Ok(Secret(String::new()))
+        } else {
+            PasswordKeys {
+                password: service.password,
+                password_file: service.password_file,
+                password_env: service.password_env,
+            }
+            .resolve(src, &path, &name, env, warnings)
+        };
         let password = match password {
             Ok(password) => Some(password),
             // A password dropped for its shape is reported already; "no password" would be
@@ -540,6 +554,7 @@ fn services(
                     clients_allow,
                     accept_proxy: service.accept_proxy,
                     send_proxy,
+                    upstreams,
                 });
             }
         }

@@ -12,7 +12,7 @@ use super::ConfigError;
 
 /// Keys from the design that this version does not implement yet; an unknown-field error on
 /// one of them says so instead of looking like a typo.
-const PLANNED_KEYS: &[&str] = &["upstreams"];
+const PLANNED_KEYS: &[&str] = &[];
 
 pub struct Source<'a> {
     /// The path as the user gave it, for messages.

@@ -165,15 +165,6 @@ fn unknown_service_key_names_line_and_full_key() {
 }
 
 #[test]
-fn planned_keys_say_not_supported_yet() {
-    let e = gw_err(&format!("{MINIMAL_GATEWAY}upstreams = [\"10.0.0.5:80\"]\n"));
-    assert_eq!(
-        e.to_string(),
-        "gateway.toml:5: services.web.upstreams: `upstreams` is not supported by this version yet"
-    );
-}
-
-#[test]
 fn wrong_type_names_line_and_key() {
     let e = gw_err(&format!("{MINIMAL_GATEWAY}data_tls = \"yes\"\n"));
     assert_eq!(e.line(), Some(5));
