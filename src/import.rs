@@ -10,6 +10,8 @@
 //! /~~srvBACK=mypassword1234#:*51.254.;          only from addresses starting with 51.254.
 //! /~~srvBACK=mypassword1234#:*home.dyndns.org;  only from what that name resolves to
 //! SSL /~~srvBACK=mypassword1234#:*;             data connections under TLS
+//! /~~srv1=10.0.0.5:80;                          direct: the gateway dials 10.0.0.5:80 itself
+//! /~~srv1=10.0.0.6:80;                          the same name again: balanced over both
 //! ```
 //!
 //! backbalance.bin (agent side), the proxy cascade: `/ -> \user:pass@proxy:port -> user2:pass@proxy2:port;`
@@ -50,6 +52,33 @@ pub struct BackService {
     pub allow_from: Option<String>,
     pub data_tls: bool,
     pub line: usize,
+}
+
+/// One direct (usual reverse proxy) service of balance.bin: the gateway dials its servers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectService {
+    pub name: String,
+    /// `host:port` of each server, in the order of their lines.
+    pub upstreams: Vec<String>,
+    /// The first line naming it.
+    pub line: usize,
+}
+
+/// Everything balance.bin defines.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Entries {
+    pub back: Vec<BackService>,
+    pub direct: Vec<DirectService>,
+}
+
+impl Entries {
+    pub fn len(&self) -> usize {
+        self.back.len() + self.direct.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// One proxy of a backbalance.bin cascade.
@@ -102,9 +131,11 @@ fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
-/// Reads balance.bin. Only back-connect entries (password followed by `#`) can be imported.
-pub fn parse_balance(file: &str, text: &str) -> Result<Vec<BackService>, ImportError> {
+/// Reads balance.bin: back-connect entries (a password followed by `#`) and direct ones (an
+/// address).
+pub fn parse_balance(file: &str, text: &str) -> Result<Entries, ImportError> {
     let mut out: Vec<BackService> = Vec::new();
+    let mut direct: Vec<DirectService> = Vec::new();
     for (line, stmt) in statements(text) {
         let err = |why: String| ImportError {
             file: file.to_owned(),
@@ -131,11 +162,51 @@ pub fn parse_balance(file: &str, text: &str) -> Result<Vec<BackService>, ImportE
             )));
         }
         let Some((password, target)) = value.rsplit_once('#') else {
-            return Err(err(format!(
-                "/~~{name} names no password ending in '#': a direct reverse-proxy entry \
-                 (the gateway dials an address itself) needs `upstreams`, which this version \
-                 cannot import yet"
-            )));
+            // No '#': a direct entry, the address the gateway dials itself.
+            if data_tls {
+                return Err(err(format!(
+                    "SSL on the direct entry /~~{name} (TLS toward its server) cannot be \
+                     imported: a service with upstreams speaks plain TCP to them"
+                )));
+            }
+            let addr = value.trim();
+            let valid = match addr.rsplit_once(':') {
+                Some((host, port)) => {
+                    !host.is_empty()
+                        && !host.contains(char::is_whitespace)
+                        && port.parse::<u16>().is_ok_and(|p| p > 0)
+                }
+                None => false,
+            };
+            if !valid {
+                return Err(err(format!(
+                    "/~~{name}: expected a password ending in '#' (back-connect) or the \
+                     host:port the gateway dials (direct), found {addr:?}"
+                )));
+            }
+            if let Some(first) = out.iter().find(|s| s.name == name) {
+                return Err(err(format!(
+                    "/~~{name} is a back-connect entry on line {}; a name is either \
+                     back-connect or direct",
+                    first.line
+                )));
+            }
+            match direct.iter_mut().find(|d| d.name == name) {
+                Some(d) if d.upstreams.iter().any(|u| u == addr) => {
+                    return Err(err(format!(
+                        "/~~{name} already lists {addr} on line {}",
+                        d.line
+                    )));
+                }
+                // The same name again: one more server to balance over.
+                Some(d) => d.upstreams.push(addr.to_owned()),
+                None => direct.push(DirectService {
+                    name: name.to_owned(),
+                    upstreams: vec![addr.to_owned()],
+                    line,
+                }),
+            }
+            continue;
         };
         if password.is_empty() {
             return Err(err(format!("/~~{name} has an empty password")));
@@ -172,6 +243,13 @@ pub fn parse_balance(file: &str, text: &str) -> Result<Vec<BackService>, ImportE
                 first.line
             )));
         }
+        if let Some(first) = direct.iter().find(|s| s.name == name) {
+            return Err(err(format!(
+                "/~~{name} is a direct entry on line {}; a name is either back-connect or \
+                 direct",
+                first.line
+            )));
+        }
         out.push(BackService {
             name: name.to_owned(),
             password: password.to_owned(),
@@ -180,7 +258,7 @@ pub fn parse_balance(file: &str, text: &str) -> Result<Vec<BackService>, ImportE
             line,
         });
     }
-    Ok(out)
+    Ok(Entries { back: out, direct })
 }
 
 /// Reads backbalance.bin: the proxy cascade (the last cascade line wins, as the last line of
@@ -272,7 +350,7 @@ fn q(s: &str) -> String {
 }
 
 /// gateway.toml for the services of balance.bin.
-pub fn gateway_toml(source: &str, services: &[BackService]) -> String {
+pub fn gateway_toml(source: &str, entries: &Entries) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "# Imported from {source} by `dialback import`.");
     let _ = writeln!(
@@ -286,7 +364,13 @@ pub fn gateway_toml(source: &str, services: &[BackService]) -> String {
         out,
         "# tls_listen = \"0.0.0.0:8443\"  cert = \"site.crt\"  key = \"site.key\""
     );
-    for s in services {
+    for s in &entries.direct {
+        let _ = writeln!(out, "\n# line {}", s.line);
+        let _ = writeln!(out, "[services.{}]", q(&s.name));
+        let list: Vec<String> = s.upstreams.iter().map(|u| q(u)).collect();
+        let _ = writeln!(out, "upstreams = [{}]", list.join(", "));
+    }
+    for s in &entries.back {
         let _ = writeln!(out, "\n# line {}", s.line);
         let _ = writeln!(out, "[services.{}]", q(&s.name));
         let _ = writeln!(out, "password = {}", q(&s.password));
@@ -359,7 +443,7 @@ SSL /~~srvTLS=pw#with#hash#:*;
 
     #[test]
     fn balance_every_documented_form() {
-        let s = parse_balance("balance.bin", BALANCE).unwrap();
+        let s = parse_balance("balance.bin", BALANCE).unwrap().back;
         let got: Vec<(&str, &str, Option<&str>, bool, usize)> = s
             .iter()
             .map(|s| {
@@ -389,7 +473,19 @@ SSL /~~srvTLS=pw#with#hash#:*;
     #[test]
     fn balance_errors_name_the_line_and_why() {
         for (text, line, why) in [
-            ("\n\n/~~srv1=10.0.0.5:80;\n", 3, "upstreams"),
+            ("\n\n/~~srv1=10.0.0.5;\n", 3, "host:port the gateway dials"),
+            ("SSL /~~srv1=10.0.0.5:443;", 1, "plain TCP"),
+            (
+                "/~~srv1=a:80;\n/~~srv1=a:80;",
+                2,
+                "already lists a:80 on line 1",
+            ),
+            ("/~~srv1=a:80;\n/~~srv1=pw#:*;", 2, "direct entry on line 1"),
+            (
+                "/~~srv1=pw#:*;\n/~~srv1=a:80;",
+                2,
+                "back-connect entry on line 1",
+            ),
             ("/~~srvBACK=pw#:3389 RDPPORT;", 1, "means nothing"),
             ("/~~a b=pw#:*;", 1, "service name"),
             ("/~~srv=#:*;", 1, "empty password"),
@@ -460,5 +556,38 @@ SSL /~~srvTLS=pw#with#hash#:*;
         assert!(t.contains("password = \"p\\\"w\\\\\""), "{t}");
         let parsed: toml::Value = toml::from_str(&t).unwrap();
         assert_eq!(parsed["services"]["x"]["password"].as_str(), Some("p\"w\\"));
+    }
+}
+
+#[cfg(test)]
+mod direct_tests {
+    use super::*;
+
+    #[test]
+    fn direct_entries_become_upstreams_and_repeats_balance() {
+        let text = "/~~srv1=10.0.0.5:80;\n/~~back=pw#:*;\n/~~srv1=web2.corp:8080;\n/~~srv2=[2001:db8::1]:443;\n";
+        let e = parse_balance("balance.bin", text).unwrap();
+        assert_eq!(
+            e.direct,
+            vec![
+                DirectService {
+                    name: "srv1".into(),
+                    upstreams: vec!["10.0.0.5:80".into(), "web2.corp:8080".into()],
+                    line: 1
+                },
+                DirectService {
+                    name: "srv2".into(),
+                    upstreams: vec!["[2001:db8::1]:443".into()],
+                    line: 4
+                },
+            ]
+        );
+        assert_eq!(e.back.len(), 1);
+        let t = gateway_toml("balance.bin", &e);
+        let v: toml::Value = toml::from_str(&t).unwrap();
+        let ups = v["services"]["srv1"]["upstreams"].as_array().unwrap();
+        assert_eq!(ups.len(), 2);
+        assert!(v["services"]["srv1"].get("password").is_none(), "{t}");
+        assert_eq!(v["services"]["back"]["password"].as_str(), Some("pw"));
     }
 }

@@ -201,9 +201,11 @@ fn import_files(args: &cli::ImportArgs) -> anyhow::Result<()> {
         std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
     };
     let balance_name = args.balance.display().to_string();
-    let services = import::parse_balance(&balance_name, &read(&args.balance)?)?;
-    if services.is_empty() {
-        anyhow::bail!("{balance_name}: no back-connect entry (like /~~name=password#:*;) found");
+    let entries = import::parse_balance(&balance_name, &read(&args.balance)?)?;
+    if entries.is_empty() {
+        anyhow::bail!(
+            "{balance_name}: no entry (like /~~name=password#:*; or /~~name=host:port;) found"
+        );
     }
     let (proxies, sources) = match &args.backbalance {
         Some(p) => {
@@ -213,16 +215,17 @@ fn import_files(args: &cli::ImportArgs) -> anyhow::Result<()> {
         }
         None => (Vec::new(), balance_name.clone()),
     };
-    let files = [
-        (
-            "gateway.toml",
-            import::gateway_toml(&balance_name, &services),
-        ),
-        (
+    let mut files = vec![(
+        "gateway.toml",
+        import::gateway_toml(&balance_name, &entries),
+    )];
+    // Direct services need no agent; an agent config only for back-connect ones.
+    if !entries.back.is_empty() {
+        files.push((
             "agent.toml",
-            import::agent_toml(&sources, &services, &proxies),
-        ),
-    ];
+            import::agent_toml(&sources, &entries.back, &proxies),
+        ));
+    }
     for (name, _) in &files {
         let path = args.out.join(name);
         if path.exists() {
@@ -240,15 +243,22 @@ fn import_files(args: &cli::ImportArgs) -> anyhow::Result<()> {
         f.write_all(text.as_bytes())
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
+    let plural = |n: usize| if n == 1 { "" } else { "s" };
+    let (back, direct) = (entries.back.len(), entries.direct.len());
     println!(
-        "wrote {} ({} service{}) and {} ({} prox{}); fill in the agent's gateway address, \
-         fingerprint and each service's local address",
+        "wrote {} ({back} back-connect service{}, {direct} direct service{})",
         args.out.join("gateway.toml").display(),
-        services.len(),
-        if services.len() == 1 { "" } else { "s" },
-        args.out.join("agent.toml").display(),
-        proxies.len(),
-        if proxies.len() == 1 { "y" } else { "ies" },
+        plural(back),
+        plural(direct),
     );
+    if back > 0 {
+        println!(
+            "wrote {} ({} prox{}); fill in the agent's gateway address, fingerprint and each \
+             service's local address",
+            args.out.join("agent.toml").display(),
+            proxies.len(),
+            if proxies.len() == 1 { "y" } else { "ies" },
+        );
+    }
     Ok(())
 }

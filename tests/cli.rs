@@ -325,7 +325,9 @@ fn import_converts_the_old_files_into_checked_configs() {
          /~~srvIP=pw-one#:*192.0.2.7;\n\
          /~~srvNET=pw-two#:*51.254.;\n\
          /~~srvDNS=pw-three#:*localhost;\n\
-         SSL /~~srvTLS=pw-four#:1;\n",
+         SSL /~~srvTLS=pw-four#:1;\n\
+         /~~site=127.0.0.1:8081;\n\
+         /~~site=web2.internal.example:8082;\n",
     )
     .unwrap();
     std::fs::write(
@@ -336,7 +338,7 @@ fn import_converts_the_old_files_into_checked_configs() {
     let out = run(d, &["import", "balance.bin", "backbalance.bin"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
-        text(&out.stdout).contains("5 services"),
+        text(&out.stdout).contains("5 back-connect services, 1 direct service"),
         "{}",
         text(&out.stdout)
     );
@@ -353,6 +355,13 @@ fn import_converts_the_old_files_into_checked_configs() {
     assert_eq!(s["srvNET"]["allow_from"][0].as_str(), Some("51.254."));
     assert_eq!(s["srvDNS"]["allow_from"][0].as_str(), Some("localhost"));
     assert_eq!(s["srvTLS"]["data_tls"].as_bool(), Some(true));
+    let ups: Vec<&str> = s["site"]["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|u| u.as_str())
+        .collect();
+    assert_eq!(ups, ["127.0.0.1:8081", "web2.internal.example:8082"]);
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(d.join("gateway.toml"))
             .unwrap()
@@ -417,14 +426,14 @@ fn import_converts_the_old_files_into_checked_configs() {
     let bad = tempfile::tempdir().unwrap();
     std::fs::write(
         bad.path().join("balance.bin"),
-        "/~~ok=pw#:*;\n\n/~~srv1=10.0.0.5:80;\n",
+        "/~~ok=pw#:*;\n\n/~~srv1=10.0.0.5;\n",
     )
     .unwrap();
     let out = run(bad.path(), &["import", "balance.bin"]);
     assert!(!out.status.success());
     let err = text(&out.stderr);
     assert!(err.contains("balance.bin:3: "), "{err}");
-    assert!(err.contains("upstreams"), "{err}");
+    assert!(err.contains("host:port the gateway dials"), "{err}");
     assert!(
         !bad.path().join("gateway.toml").exists(),
         "nothing written on error"
