@@ -111,14 +111,21 @@ fn who(public: SocketAddr) -> (String, TcpStream) {
     (String::from_utf8_lossy(&name).into_owned(), s)
 }
 
-fn metrics(admin: SocketAddr) -> String {
+fn http_get(admin: SocketAddr, path: &str) -> String {
     let mut s = TcpStream::connect(admin).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out
+}
+
+fn metrics(admin: SocketAddr) -> String {
+    http_get(admin, "/metrics")
 }
 
 /// The value of `name{service="SERVICE",upstream="ADDR"}`.
@@ -207,6 +214,38 @@ fn round_robin_spreads_evenly_and_a_killed_upstream_is_taken_out_and_comes_back(
             && field(l, "upstream").as_deref() == Some(&bravo.to_string())
     });
     wait_metric(admin, "upstream_up", "site", bravo, 0.0);
+    // The status document and page say which server is down.
+    let status = http_get(admin, "/status");
+    let v: serde_json::Value =
+        serde_json::from_str(status.rsplit("\r\n\r\n").next().unwrap()).unwrap();
+    let site = v["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "site")
+        .unwrap();
+    let states: Vec<(String, bool)> = site["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| {
+            (
+                u["addr"].as_str().unwrap().to_owned(),
+                u["up"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [
+            (a.addr.to_string(), true),
+            (bravo.to_string(), false),
+            (c.addr.to_string(), true)
+        ]
+    );
+    let (dom, log) = Chromium::new(&dir).dump_dom(&format!("http://{admin}/"));
+    assert!(dom.contains("direct 2/3 up"), "{dom}\n{log}");
+    assert!(dom.contains(&format!("{bravo} (down)")), "{dom}");
     let m = metrics(admin);
     assert!(
         upstream_metric(&m, "upstream_connect_failures_total", "site", bravo).unwrap() >= 1.0

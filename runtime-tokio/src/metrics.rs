@@ -1204,6 +1204,7 @@ impl GatewayMetrics {
     /// The status document served at `/status`.
     pub fn render_status_json(&self, now: Instant, now_unix_ms: u64) -> String {
         let st = self.status(now, now_unix_ms);
+        let ups = self.upstreams();
         let mut o = String::with_capacity(256 + 512 * st.services.len());
         o.push_str("{\"uptime_seconds\":");
         json_f64(&mut o, Some(st.uptime_seconds));
@@ -1249,7 +1250,22 @@ impl GatewayMetrics {
             );
             o.push_str(",\"pairing_p50_ms\":");
             json_f64(&mut o, s.pairing_p50_ms);
-            o.push('}');
+            // A direct service's servers (empty for a service served by an agent).
+            o.push_str(",\"upstreams\":[");
+            for (k, u) in ups.iter().filter(|u| u.service == s.name).enumerate() {
+                if k > 0 {
+                    o.push(',');
+                }
+                o.push_str("{\"addr\":");
+                json_str(&mut o, &u.addr);
+                let _ = write!(
+                    o,
+                    ",\"up\":{},\"active\":{}}}",
+                    u.up.load(Ordering::Relaxed),
+                    u.active.load(Ordering::Relaxed)
+                );
+            }
+            o.push_str("]}");
         }
         o.push_str("]}");
         o
