@@ -402,3 +402,56 @@ fn get(http: SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or(0);
     (status, out)
 }
+
+#[test]
+fn a_reload_changes_upstreams_and_keeps_the_health_of_unchanged_services() {
+    let dir = Dir::new();
+    let (a, b) = (Upstream::start("alpha", 0), Upstream::start("bravo", 0));
+    let dead = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (site_port, more_port) = (free_port(), free_port());
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let text = |site: &str, more: bool| {
+        let mut t = format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = \"state\"\nadmin_listen = \"{admin}\"\n{FAST_TIMERS}\n\
+             [services.site]\nupstreams = [{site}]\ntcp_listen = \"127.0.0.1:{site_port}\"\n\n\
+             [services.steady]\nupstreams = [\"{}\", \"{dead}\"]\ntcp_listen = \"127.0.0.1:0\"\nhealth_check_interval = \"1s\"\nfall = 1\n",
+            a.addr
+        );
+        if more {
+            t.push_str(&format!(
+                "\n[services.more]\nupstreams = [\"{}\"]\ntcp_listen = \"127.0.0.1:{more_port}\"\n",
+                b.addr
+            ));
+        }
+        t
+    };
+    let conf = dir.write("gateway.toml", &text(&format!("\"{}\"", a.addr), false));
+    let gw = RunningGateway::start(&conf);
+    let site = SocketAddr::from(([127, 0, 0, 1], site_port));
+    for _ in 0..3 {
+        assert_eq!(who(site).0, "alpha");
+    }
+    // steady's dead server is found out by its checks.
+    wait_metric(admin, "upstream_up", "steady", dead, 0.0);
+
+    // site gets a second server, and a new direct service appears.
+    let new = dir.path().join("gateway.toml.new");
+    std::fs::write(&new, text(&format!("\"{}\", \"{}\"", a.addr, b.addr), true)).unwrap();
+    std::fs::rename(&new, &conf).unwrap();
+    let line = gw
+        .proc
+        .wait_for("reload", WAIT, |l| message_is(l, "configuration reloaded"));
+    assert_eq!(field(&line, "changed").as_deref(), Some("site"), "{line}");
+    assert_eq!(field(&line, "added").as_deref(), Some("more"), "{line}");
+    // steady did not change: its dead server is still known to be down, not healthy afresh.
+    assert_eq!(
+        upstream_metric(&metrics(admin), "upstream_up", "steady", dead),
+        Some(0.0)
+    );
+    let names: Vec<String> = (0..4).map(|_| who(site).0).collect();
+    assert_eq!(names, ["alpha", "bravo", "alpha", "bravo"]);
+    assert_eq!(
+        who(SocketAddr::from(([127, 0, 0, 1], more_port))).0,
+        "bravo"
+    );
+}

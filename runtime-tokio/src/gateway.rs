@@ -738,6 +738,16 @@ impl BoundGateway {
             self.shared.drive(&mut inner);
         }
         self.shared.upstreams.apply(&new.services);
+        // The core sees what agents and clients see; a service can change elsewhere too (its
+        // upstreams, its port, its HTTP routes).
+        for s in &new.services {
+            let old = self.settings.services.iter().find(|o| o.name == s.name);
+            if old.is_some_and(|o| o != s) && !report.services.changed.contains(&s.name) {
+                report.services.changed.push(s.name.clone());
+            }
+        }
+        let order = |name: &String| new.services.iter().position(|s| s.name == *name);
+        report.services.changed.sort_by_key(order);
         self.shared.metrics.set_services(&names);
         match (front, &self.http) {
             (Some(f), Some(cell)) => cell.store(f),
