@@ -785,8 +785,9 @@ impl BoundGateway {
     }
 }
 
-/// Binds a listener whose accepted connections get TCP keepalive after `keepalive` of silence
-/// (zero: none).
+/// Binds a listener whose accepted connections have TCP_NODELAY set and get TCP keepalive
+/// after `keepalive` of silence (zero: none). Both are set on the listener, which Linux copies
+/// to every accepted connection: no system call per connection.
 async fn bind(
     addr: SocketAddr,
     what: &str,
@@ -798,6 +799,7 @@ async fn bind(
         source,
     };
     let l = TcpListener::bind(addr).await.map_err(error)?;
+    crate::sockopt::nodelay(&l).map_err(error)?;
     crate::sockopt::keepalive(&l, keepalive).map_err(error)?;
     Ok(l)
 }
@@ -839,7 +841,6 @@ async fn agent_accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                 let Some(slot) = handshake_slot(&shared, peer, "agent port") else {
                     continue; // dropping the stream closes it
                 };
-                let _ = stream.set_nodelay(true);
                 tokio::spawn(agent_conn(shared.clone(), stream, peer, slot));
             }
             Err(e) => accept_backoff(&e).await,
@@ -1349,16 +1350,22 @@ async fn client_accept_loop(
     listener: Arc<TcpListener>,
     accept_proxy: bool,
 ) {
+    // The address clients reached, when the listener says it without asking each connection
+    // (it is bound to one address, not a wildcard).
+    let bound = listener
+        .local_addr()
+        .ok()
+        .filter(|a| !a.ip().is_unspecified());
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-                let _ = stream.set_nodelay(true);
                 tokio::spawn(client_conn(
                     shared.clone(),
                     service.clone(),
                     stream,
                     peer,
+                    bound,
                     accept_proxy,
                 ));
             }
@@ -1577,10 +1584,11 @@ async fn client_conn(
     service: String,
     mut client: TcpStream,
     via: SocketAddr,
+    bound: Option<SocketAddr>,
     accept_proxy: bool,
 ) {
     let _serving = shared.drain.guard();
-    let mut public = client.local_addr().ok();
+    let mut public = bound.or_else(|| client.local_addr().ok());
     let peer = if accept_proxy {
         let Some(slot) = handshake_slot(&shared, via, "public port") else {
             return;

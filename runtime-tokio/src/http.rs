@@ -131,7 +131,6 @@ pub(crate) async fn accept_loop(
     loop {
         match listener.accept().await {
             Ok((tcp, peer)) => {
-                let _ = tcp.set_nodelay(true);
                 tokio::spawn(client(
                     shared.clone(),
                     metrics.clone(),

@@ -1,4 +1,4 @@
-//! TCP keepalive, so that a peer that vanished without a word (a client behind a NAT that
+//! Socket options. TCP keepalive, so that a peer that vanished without a word (a client behind a NAT that
 //! forgot the connection, a machine switched off, a cable pulled) does not hold a relay and
 //! its descriptors forever.
 //!
@@ -33,6 +33,17 @@ fn set(fd: i32, level: i32, name: i32, value: i32) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// Sets TCP_NODELAY: small writes (a request, a keystroke) leave at once instead of waiting for
+/// an acknowledgement. Set on a listener, accepted connections have it too.
+pub fn nodelay(socket: &impl AsFd) -> io::Result<()> {
+    set(
+        socket.as_fd().as_raw_fd(),
+        libc::IPPROTO_TCP,
+        libc::TCP_NODELAY,
+        1,
+    )
 }
 
 /// Turns keepalive on for `socket`: after `idle` without any segment from the peer, probes
@@ -87,6 +98,19 @@ mod tests {
         assert_eq!(options(&accepted), [1, 60, 15, 120_000]);
         // The connecting side has none of it unless set.
         assert_eq!(options(&c)[0], 0);
+    }
+
+    #[test]
+    fn accepted_connections_inherit_the_listeners_nodelay() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        nodelay(&l).unwrap();
+        let _c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (accepted, _) = l.accept().unwrap();
+        assert_eq!(
+            get(accepted.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY),
+            1
+        );
+        assert!(accepted.nodelay().unwrap());
     }
 
     #[test]
