@@ -165,6 +165,7 @@ pub async fn run_with_metrics(
         );
     }
     let mut tasks = JoinSet::new();
+    tasks.spawn(crate::drain::release_memory(drain.clone()));
     if let Some(addr) = settings.admin_listen {
         let l = tokio::net::TcpListener::bind(addr)
             .await

@@ -630,6 +630,7 @@ impl BoundGateway {
         let shared = self.shared.clone();
         let mut tasks = JoinSet::new();
         tasks.spawn(timer_task(shared.clone()));
+        tasks.spawn(crate::drain::release_memory(shared.drain.clone()));
         if let Some(l) = self.admin.take() {
             info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin endpoint listening");
             let routes: Arc<dyn crate::admin::AdminRoutes> = shared.metrics.clone();

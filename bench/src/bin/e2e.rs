@@ -642,7 +642,8 @@ async fn measure(name: &str, mut sys: Running, plan: &Plan) -> Results {
     }
     drop(more);
     drop(held);
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Long enough for a process to hand freed memory back (dialback looks every second).
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let after: Vec<Option<u64>> = sys.procs.iter().map(|(_, p)| rss_kb(p.pid())).collect();
     let after_anon: Vec<Option<u64>> = sys.procs.iter().map(|(_, p)| anon_kb(p.pid())).collect();
     for (i, (role, p)) in sys.procs.iter_mut().enumerate() {
@@ -1578,7 +1579,7 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
          {:?} or {} connections each, whichever ends first; latency is connect start to the \
          echoed bytes.\n\
          - memory: VmRSS from /proc/PID/status at idle (after one round trip), while holding \
-         {} idle connections (each with one completed round trip), and 1 s after closing \
+         {} idle connections (each with one completed round trip), and 3 s after closing \
          them; also RssAnon, the private memory (heap, stacks): VmRSS adds the file pages of the \
          binary and the shared libraries it touched, which every process of the program \
          shares.\n\
