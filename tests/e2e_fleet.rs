@@ -5,27 +5,13 @@
 mod balancers;
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use balancers::{free_port, Server};
 use common::*;
 
 const PW: &str = "fleet-password";
-
-/// One echo round trip; false on any failure (refused, reset, short or wrong answer).
-fn try_echo(addr: SocketAddr, msg: &[u8]) -> bool {
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(3)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    if s.write_all(msg).is_err() || s.shutdown(std::net::Shutdown::Write).is_err() {
-        return false;
-    }
-    let mut back = Vec::new();
-    s.read_to_end(&mut back).is_ok() && back == msg
-}
 
 fn gateway_in(dir: &Dir, tcp_port: u16) -> RunningGateway {
     let conf = gateway_toml(

@@ -1016,13 +1016,8 @@ fn half_then_wait(release: std::sync::mpsc::Receiver<()>) -> SocketAddr {
             let Ok(mut s) = s else { continue };
             let release = release.clone();
             std::thread::spawn(move || {
-                let mut head = Vec::new();
-                let mut b = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut b) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&b[..n]),
-                    }
+                if read_request_head(&mut s).is_none() {
+                    return;
                 }
                 let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello");
                 let _ = release

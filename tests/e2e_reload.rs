@@ -6,7 +6,6 @@
 mod balancers;
 mod common;
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -16,19 +15,6 @@ use common::procstat;
 use common::*;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// One echo round trip; false on any failure (refused, reset, short or wrong answer).
-fn try_echo(addr: SocketAddr, msg: &[u8]) -> bool {
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(3)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    if s.write_all(msg).is_err() || s.shutdown(std::net::Shutdown::Write).is_err() {
-        return false;
-    }
-    let mut back = Vec::new();
-    s.read_to_end(&mut back).is_ok() && back == msg
-}
 
 /// Waits until nothing listens on `addr` any more (bounded).
 fn wait_port_closed(addr: SocketAddr) {
@@ -65,13 +51,7 @@ fn gateway_text(admin: u16, services: &[String]) -> String {
 }
 
 fn metrics(admin: u16) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", admin)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
+    http_get(SocketAddr::from(([127, 0, 0, 1], admin)), "/metrics").1
 }
 
 fn metric(text: &str, line_start: &str) -> Option<f64> {
@@ -332,7 +312,7 @@ fn sighup_rereads_password_files_and_http_routes() {
     );
     let conf = dir.write("gateway.toml", &text(&web));
     let gw = RunningGateway::start(&conf);
-    let site = web_server("web");
+    let site = http_responder("web");
     let a = agent(&dir, "agent.toml", &gw, &[("web", "first-password", site)]);
     gw.wait_registered("web", 1);
     let http: SocketAddr = ([127, 0, 0, 1], http_port).into();
@@ -354,7 +334,7 @@ fn sighup_rereads_password_files_and_http_routes() {
     assert_eq!(field(&line, "changed").as_deref(), Some("web"));
 
     // A service added by a reload is routed on the HTTP port at once.
-    let api_site = web_server("api");
+    let api_site = http_responder("api");
     let api = "\n[services.api]\npassword = \"api-password\"\n";
     replace_file(&conf, &text(&format!("{web}{api}")));
     let line = gw.proc.wait_for_nth("reload", 2, WAIT, reloaded);
@@ -367,66 +347,19 @@ fn sighup_rereads_password_files_and_http_routes() {
     );
     gw.wait_registered("api", 1);
     let body = wait_for_status(http, "/~~api/", 200);
-    assert!(body.ends_with("api"), "{body}");
-    assert!(wait_for_status(http, "/~~web/", 200).ends_with("web"));
-}
-
-/// An HTTP/1.1 service answering every request with 200 and its `name`, then closing.
-fn web_server(name: &'static str) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            std::thread::spawn(move || {
-                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-                let mut head = Vec::new();
-                let mut b = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut b) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&b[..n]),
-                    }
-                }
-                let _ = write!(
-                    s,
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{name}",
-                    name.len()
-                );
-            });
-        }
-    });
-    addr
-}
-
-/// The status and body of `GET path` on the HTTP port, on a fresh connection.
-fn get(http: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect_timeout(&http, Duration::from_secs(3)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, out)
+    assert!(body.ends_with("api /"), "{body}");
+    assert!(wait_for_status(http, "/~~web/", 200).ends_with("web /"));
 }
 
 fn status_of(http: SocketAddr, path: &str) -> u16 {
-    get(http, path).0
+    http_get(http, path).0
 }
 
 /// Retries `GET path` until it answers `status` (bounded); returns the response.
 fn wait_for_status(http: SocketAddr, path: &str, status: u16) -> String {
     let deadline = Instant::now() + WAIT;
     loop {
-        let (got, text) = get(http, path);
+        let (got, text) = http_get(http, path);
         if got == status {
             return text;
         }

@@ -111,21 +111,8 @@ fn who(public: SocketAddr) -> (String, TcpStream) {
     (String::from_utf8_lossy(&name).into_owned(), s)
 }
 
-fn http_get(admin: SocketAddr, path: &str) -> String {
-    let mut s = TcpStream::connect(admin).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
 fn metrics(admin: SocketAddr) -> String {
-    http_get(admin, "/metrics")
+    http_get(admin, "/metrics").1
 }
 
 /// The value of `name{service="SERVICE",upstream="ADDR"}`.
@@ -215,7 +202,7 @@ fn round_robin_spreads_evenly_and_a_killed_upstream_is_taken_out_and_comes_back(
     });
     wait_metric(admin, "upstream_up", "site", bravo, 0.0);
     // The status document and page say which server is down.
-    let status = http_get(admin, "/status");
+    let (_, status) = http_get(admin, "/status");
     let v: serde_json::Value =
         serde_json::from_str(status.rsplit("\r\n\r\n").next().unwrap()).unwrap();
     let site = v["services"]
@@ -324,7 +311,7 @@ fn least_conn_sends_new_clients_to_the_least_loaded_upstream() {
 fn the_http_entry_point_reaches_upstreams_and_says_when_none_answers() {
     let dir = Dir::new();
     let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let (one, two) = (web("one"), web("two"));
+    let (one, two) = (http_responder("one"), http_responder("two"));
     let dead = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let (gw, _admin) = gateway(
         &dir,
@@ -337,12 +324,12 @@ fn the_http_entry_point_reaches_upstreams_and_says_when_none_answers() {
     });
     let mut seen = Vec::new();
     for _ in 0..4 {
-        let (status, body) = get(http, "/~~site/who");
+        let (status, body) = http_get(http, "/~~site/who");
         assert_eq!(status, 200, "{body}");
         seen.push(body.rsplit("\r\n\r\n").next().unwrap_or("").to_owned());
     }
     assert_eq!(seen, ["one /who", "two /who", "one /who", "two /who"]);
-    let (status, body) = get(http, "/~~gone/");
+    let (status, body) = http_get(http, "/~~gone/");
     assert_eq!(status, 502, "{body}");
     assert!(
         body.contains("no upstream of service gone could be reached"),
@@ -352,55 +339,6 @@ fn the_http_entry_point_reaches_upstreams_and_says_when_none_answers() {
         message_contains(l, "client dropped: no upstream could be reached")
             && field(l, "service").as_deref() == Some("gone")
     });
-}
-
-/// An HTTP service answering every request with `NAME PATH`.
-fn web(name: &'static str) -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            std::thread::spawn(move || {
-                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-                let mut head = Vec::new();
-                let mut b = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut b) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&b[..n]),
-                    }
-                }
-                let text = String::from_utf8_lossy(&head);
-                let path = text.split(' ').nth(1).unwrap_or("?").to_owned();
-                let body = format!("{name} {path}");
-                let _ = write!(
-                    s,
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-            });
-        }
-    });
-    addr
-}
-
-fn get(http: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect_timeout(&http, Duration::from_secs(3)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, out)
 }
 
 #[test]

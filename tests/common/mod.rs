@@ -457,3 +457,76 @@ impl Chromium {
         );
     }
 }
+
+/// One echo round trip through `addr` (send, half-close, read to EOF); false on any failure
+/// (refused, reset, short or wrong answer).
+pub fn try_echo(addr: SocketAddr, msg: &[u8]) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(3)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    if s.write_all(msg).is_err() || s.shutdown(Shutdown::Write).is_err() {
+        return false;
+    }
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).is_ok() && back == msg
+}
+
+/// Reads an HTTP request head, through its blank line; `None` if the connection ends first.
+pub fn read_request_head(s: &mut TcpStream) -> Option<String> {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut head = Vec::new();
+    let mut b = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut b) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&b[..n]),
+        }
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// An HTTP/1.1 service on loopback answering every request with `200` and the body
+/// `NAME PATH`, then closing.
+pub fn http_responder(name: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            thread::spawn(move || {
+                let Some(head) = read_request_head(&mut s) else {
+                    return;
+                };
+                let path = head.split(' ').nth(1).unwrap_or("?").to_owned();
+                let body = format!("{name} {path}");
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+    addr
+}
+
+/// `GET path` on a fresh connection to `addr` (`Connection: close`): the status (0 when there
+/// is none) and the whole response.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, out)
+}
