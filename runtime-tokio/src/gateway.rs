@@ -101,6 +101,8 @@ struct Inner {
     pooled: HashMap<u64, Parked>,
     /// Registered control connections and their service, for liveness metrics.
     registered: HashMap<ConnId, String>,
+    /// The deadline the timer task sleeps until (`None`: until woken).
+    armed: Option<Instant>,
 }
 
 pub(crate) struct Shared {
@@ -179,7 +181,13 @@ impl Shared {
                 GatewayOutput::Event(e) => self.record_event(inner, e),
             }
         }
-        self.timer.notify_one();
+        // Wake the timer task only for a deadline earlier than the one it sleeps until: a
+        // later one is picked up when that one fires (most inputs add none earlier).
+        let next = inner.core.poll_timeout();
+        if next.is_some_and(|n| inner.armed.is_none_or(|a| n < a)) {
+            inner.armed = next;
+            self.timer.notify_one();
+        }
     }
 }
 
@@ -512,6 +520,7 @@ impl BoundGateway {
                 clients: HashMap::new(),
                 pooled: HashMap::new(),
                 registered: HashMap::new(),
+                armed: None,
             }),
             timer: Notify::new(),
             ids: AtomicU64::new(1),
@@ -807,7 +816,12 @@ async fn bind(
 
 async fn timer_task(shared: Arc<Shared>) {
     loop {
-        let deadline = shared.lock().core.poll_timeout();
+        let deadline = {
+            let mut inner = shared.lock();
+            let d = inner.core.poll_timeout();
+            inner.armed = d;
+            d
+        };
         let notified = shared.timer.notified();
         match deadline {
             Some(t) => {
