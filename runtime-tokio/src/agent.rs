@@ -496,7 +496,7 @@ async fn data_task(
             return;
         }
     };
-    let mut local_conn =
+    let local_conn =
         match tokio::time::timeout(ctx.connect_timeout, TcpStream::connect(&local)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
@@ -535,7 +535,7 @@ async fn data_task(
     let conn = svc.data_connection_opened();
     // Local service -> gateway is the "down" direction, towards the public client.
     let (down, up) = (|n| conn.add_down(n), |n| conn.add_up(n));
-    match crate::relay::relay(&mut local_conn, gw, &early, &down, &up).await {
+    match crate::relay::relay(local_conn, gw, &early, &down, &up).await {
         Ok((up, down)) => debug!(%service, %client, up, down, "data connection done"),
         Err(e) => debug!(%service, %client, "data connection ended: {e}"),
     }

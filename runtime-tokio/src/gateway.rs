@@ -1653,7 +1653,7 @@ async fn client_conn(
     };
     let conn = svc.connection_opened();
     let (up, down) = (|n| conn.add_up(n), |n| conn.add_down(n));
-    match crate::relay::relay(&mut client, stream, &early, &up, &down).await {
+    match crate::relay::relay(client, stream, &early, &up, &down).await {
         Ok((up, down)) => debug!(%peer, %service, up, down, "client done"),
         Err(e) => debug!(%peer, %service, "client relay ended: {e}"),
     }

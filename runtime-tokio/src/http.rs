@@ -722,9 +722,7 @@ impl Conn {
             }
         };
         let result = match rd.unsplit(wr) {
-            MaybeTls::Plain(mut tcp) => {
-                crate::relay::relay(&mut tcp, backend, &be_buf, &up, &down).await
-            }
+            MaybeTls::Plain(tcp) => crate::relay::relay(tcp, backend, &be_buf, &up, &down).await,
             mut client => {
                 let copied = async {
                     client.write_all(&be_buf).await?;

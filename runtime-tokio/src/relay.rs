@@ -34,6 +34,27 @@ pub trait DataPlane: Send + Sync + 'static {
         tally_ba: Tally<'a>,
     ) -> RelayFuture<'a>;
 
+    /// As [`DataPlane::relay`], taking the sockets: a plane that can should keep the only
+    /// descriptors (no duplicates, so a relayed connection costs the process two descriptors,
+    /// not four), close them when the relay ends, and reset both ends after an error (a
+    /// broken stream must not look complete). By default, borrows them for `relay`.
+    fn relay_owned<'a>(
+        &'a self,
+        a: TcpStream,
+        b: TcpStream,
+        tally_ab: Tally<'a>,
+        tally_ba: Tally<'a>,
+    ) -> RelayFuture<'a> {
+        Box::pin(async move {
+            let r = self.relay(&a, &b, tally_ab, tally_ba).await;
+            if r.is_err() {
+                reset_on_close(&a);
+                reset_on_close(&b);
+            }
+            r
+        })
+    }
+
     /// For logs: which mechanism moves the bytes.
     fn name(&self) -> &'static str;
 }
@@ -51,7 +72,7 @@ pub fn set_data_plane(plane: Box<dyn DataPlane>) -> Result<(), Box<dyn DataPlane
 /// keeps flowing (half-close). Delivered bytes are reported to `tally_ab` / `tally_ba` as they
 /// go on the splice path, and at the end on the copy path. Returns (bytes a→b, bytes b→a).
 pub async fn relay(
-    a: &mut TcpStream,
+    mut a: TcpStream,
     b: MaybeTls,
     a_early: &[u8],
     tally_ab: Tally<'_>,
@@ -74,38 +95,39 @@ pub async fn relay(
             tcp
         }
         mut tls => {
-            let (ab, ba) = copy(a, &mut tls, tally_ab, tally_ba).await?;
+            let (ab, ba) = copy(&mut a, &mut tls, tally_ab, tally_ba).await?;
             return Ok((ab, ba + early));
         }
     };
-    let r = if let Some(plane) = DATA_PLANE.get() {
-        plane.relay(a, &plain, tally_ab, tally_ba).await
-    } else {
-        match splice::Pipes::new() {
-            Ok(pipes) => splice::relay(a, &plain, pipes, tally_ab, tally_ba).await,
-            Err(e) => {
-                debug!("no pipes for splice ({e}); copying through user space");
-                let mut plain = plain;
-                let r = copy(a, &mut plain, tally_ab, tally_ba).await;
-                if r.is_err() {
-                    abort(a);
-                    abort(&plain);
-                }
-                return r.map(|(ab, ba)| (ab, ba + early));
+    if let Some(plane) = DATA_PLANE.get() {
+        // The plane resets both ends itself after an error.
+        let r = plane.relay_owned(a, plain, tally_ab, tally_ba).await;
+        return r.map(|(ab, ba)| (ab, ba + early));
+    }
+    let r = match splice::Pipes::new() {
+        Ok(pipes) => splice::relay(&a, &plain, pipes, tally_ab, tally_ba).await,
+        Err(e) => {
+            debug!("no pipes for splice ({e}); copying through user space");
+            let mut plain = plain;
+            let r = copy(&mut a, &mut plain, tally_ab, tally_ba).await;
+            if r.is_err() {
+                reset_on_close(&a);
+                reset_on_close(&plain);
             }
+            return r.map(|(ab, ba)| (ab, ba + early));
         }
     };
     if r.is_err() {
         // Both ends learn that the stream broke: a reset, not a FIN that would pass a
         // truncated stream off as complete.
-        abort(a);
-        abort(&plain);
+        reset_on_close(&a);
+        reset_on_close(&plain);
     }
     r.map(|(ab, ba)| (ab, ba + early))
 }
 
-/// Makes the coming close send a reset (SO_LINGER 0).
-fn abort(s: &TcpStream) {
+/// Makes the coming close of `s` send a reset (SO_LINGER 0) instead of a FIN.
+pub fn reset_on_close(s: &impl std::os::fd::AsFd) {
     use std::os::fd::AsRawFd;
     let l = libc::linger {
         l_onoff: 1,
@@ -114,7 +136,7 @@ fn abort(s: &TcpStream) {
     // SAFETY: setsockopt with a valid linger struct on a socket `s` holds open.
     unsafe {
         libc::setsockopt(
-            s.as_raw_fd(),
+            s.as_fd().as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_LINGER,
             (&l as *const libc::linger).cast(),

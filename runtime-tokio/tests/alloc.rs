@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// next is written, so every chunk is a separate splice through the relay); returns the
 /// allocations made meanwhile and how many chunks the relay reported delivering.
 async fn relay_lockstep(chunks: usize) -> (u64, u64) {
-    let (mut producer, mut a) = pair().await;
+    let (mut producer, a) = pair().await;
     let (b, mut consumer) = pair().await;
     let chunk = vec![0x42u8; 16 * 1024];
     let mut sink = vec![0u8; 16 * 1024];
@@ -25,7 +25,7 @@ async fn relay_lockstep(chunks: usize) -> (u64, u64) {
         let tally = move |_n: u64| {
             d.fetch_add(1, Ordering::Relaxed);
         };
-        relay(&mut a, MaybeTls::Plain(b), &[], &tally, &|_| {})
+        relay(a, MaybeTls::Plain(b), &[], &tally, &|_| {})
             .await
             .unwrap()
     });

@@ -30,10 +30,10 @@ async fn idle_relays_hold_no_pipes() {
     let before = pipe_fds();
     let mut ends = Vec::new();
     for i in 0..100u32 {
-        let (mut client, mut a) = pair().await;
+        let (mut client, a) = pair().await;
         let (b, mut server) = pair().await;
         tokio::spawn(async move {
-            let _ = relay(&mut a, MaybeTls::Plain(b), &[], &|_| {}, &|_| {}).await;
+            let _ = relay(a, MaybeTls::Plain(b), &[], &|_| {}, &|_| {}).await;
         });
         let msg = format!("hello {i}");
         client.write_all(msg.as_bytes()).await.unwrap();

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use dialback_tokio::relay::{DataPlane, RelayFuture};
+use dialback_tokio::relay::{reset_on_close, DataPlane, RelayFuture};
 use dialback_tokio::splice::Tally;
 use dialback_tokio::splice::{recycle, splice, Pipe, CHUNK};
 use tokio::net::TcpStream;
@@ -158,6 +158,11 @@ fn dup(s: &TcpStream) -> io::Result<OwnedFd> {
 /// How often live traffic counters are brought up to date while a relay runs.
 const TALLY_EVERY: Duration = Duration::from_millis(500);
 
+/// Takes a socket out of tokio's reactor: the descriptor itself, no duplicate.
+fn owned(s: TcpStream) -> io::Result<OwnedFd> {
+    Ok(OwnedFd::from(s.into_std()?))
+}
+
 impl DataPlane for UringDataPlane {
     fn relay<'a>(
         &'a self,
@@ -168,10 +173,45 @@ impl DataPlane for UringDataPlane {
     ) -> RelayFuture<'a> {
         // Duplicate now, before returning: from here on the loop owns its own descriptors.
         let fds = dup(a).and_then(|a| Ok((a, dup(b)?)));
+        self.hand_over(fds, tally_ab, tally_ba)
+    }
+
+    fn relay_owned<'a>(
+        &'a self,
+        a: TcpStream,
+        b: TcpStream,
+        tally_ab: Tally<'a>,
+        tally_ba: Tally<'a>,
+    ) -> RelayFuture<'a> {
+        let fds = owned(a).and_then(|a| Ok((a, owned(b)?)));
+        self.hand_over(fds, tally_ab, tally_ba)
+    }
+
+    fn name(&self) -> &'static str {
+        "io_uring poll + splice(2)"
+    }
+}
+
+impl UringDataPlane {
+    /// Relays between sockets the loop now owns: one pass here, then a loop's job.
+    fn hand_over<'a>(
+        &'a self,
+        fds: io::Result<(OwnedFd, OwnedFd)>,
+        tally_ab: Tally<'a>,
+        tally_ba: Tally<'a>,
+    ) -> RelayFuture<'a> {
         Box::pin(async move {
             let (a, b) = fds?;
-            let (pipe_ab, early_ab) = first_pass(&a, &b)?;
-            let (pipe_ba, early_ba) = first_pass(&b, &a)?;
+            let passes = first_pass(&a, &b).and_then(|ab| Ok((ab, first_pass(&b, &a)?)));
+            let ((pipe_ab, early_ab), (pipe_ba, early_ba)) = match passes {
+                Ok(p) => p,
+                Err(e) => {
+                    // A broken stream must not look complete: reset both ends.
+                    reset_on_close(&a);
+                    reset_on_close(&b);
+                    return Err(e);
+                }
+            };
             let progress = Arc::new(Progress::default());
             progress.ab.store(early_ab, Ordering::Relaxed);
             progress.ba.store(early_ba, Ordering::Relaxed);
@@ -206,10 +246,6 @@ impl DataPlane for UringDataPlane {
                 }
             }
         })
-    }
-
-    fn name(&self) -> &'static str {
-        "io_uring poll + splice(2)"
     }
 }
 

@@ -10,6 +10,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
+use dialback_tokio::relay::reset_on_close;
 use dialback_tokio::splice::{recycle, shutdown_write_fd, splice, Pipe, CHUNK};
 
 use crate::executor::readiness;
@@ -24,7 +25,13 @@ pub(crate) async fn run_job(mut job: Job) {
         .await
         .map(|(ab, ba)| (ab + job.early.0, ba + job.early.1));
     let Job { a, b, done, .. } = job;
-    // Close our duplicates before reporting, so the caller's close really ends the sockets.
+    if r.is_err() {
+        // A broken stream must not look complete: both ends get a reset, not a FIN.
+        reset_on_close(&a);
+        reset_on_close(&b);
+    }
+    // Close our descriptors (the only ones, or duplicates) before reporting, so that the
+    // caller's close really ends the sockets.
     drop((a, b));
     let _ = done.send(r);
 }

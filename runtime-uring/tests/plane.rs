@@ -162,3 +162,80 @@ fn socket2_linger_zero(s: TcpStream) -> std::net::TcpStream {
     assert_eq!(rc, 0);
     s
 }
+
+/// Socket inodes of this process's descriptors, each counted once per descriptor.
+fn socket_fds() -> Vec<std::path::PathBuf> {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter(|t| t.to_string_lossy().starts_with("socket:"))
+        .collect()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_owned_relay_holds_no_duplicate_and_a_broken_one_resets_the_other_end() {
+    use std::os::fd::AsRawFd;
+    let plane = UringDataPlane::start(1).unwrap();
+    let none = |_| {};
+    let (mut client, a) = pair().await;
+    let (b, server) = pair().await;
+    let a_sock = std::fs::read_link(format!("/proc/self/fd/{}", a.as_raw_fd())).unwrap();
+    let b_sock = std::fs::read_link(format!("/proc/self/fd/{}", b.as_raw_fd())).unwrap();
+    let fut = plane.relay_owned(a, b, &none, &none);
+    let driver = async {
+        client.write_all(b"ping").await.unwrap();
+        let mut server = server;
+        let mut got = [0u8; 4];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ping");
+        // While the relay runs, each of its sockets is held by exactly one descriptor.
+        let held = socket_fds();
+        assert_eq!(
+            held.iter().filter(|t| **t == a_sock).count(),
+            1,
+            "a is duplicated"
+        );
+        assert_eq!(
+            held.iter().filter(|t| **t == b_sock).count(),
+            1,
+            "b is duplicated"
+        );
+        // The service side breaks (a reset): the client must see a reset too, not an EOF
+        // that would pass a truncated stream off as complete.
+        drop(socket2_linger_zero(server));
+        let mut rest = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut rest))
+            .await
+            .expect("the client was left waiting");
+        assert_eq!(
+            r.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionReset),
+            "the client got an EOF after the service broke"
+        );
+    };
+    let (r, ()) = tokio::join!(
+        async { tokio::time::timeout(Duration::from_secs(10), fut).await },
+        driver
+    );
+    assert!(r.expect("relay did not end").is_err());
+    let held = socket_fds();
+    assert!(
+        !held.contains(&a_sock) && !held.contains(&b_sock),
+        "the relay's sockets are still open"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_owned_relay_dropped_before_it_ran_closes_its_sockets() {
+    let plane = UringDataPlane::start(1).unwrap();
+    let none = |_| {};
+    let (mut client, a) = pair().await;
+    let (b, mut server) = pair().await;
+    drop(plane.relay_owned(a, b, &none, &none));
+    let mut buf = [0u8; 1];
+    for s in [&mut client, &mut server] {
+        let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+        assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "{r:?}");
+    }
+}
