@@ -211,7 +211,15 @@ impl Setup {
             gw = held(self.gw.proc.pid());
             agent = held(self.agent.pid());
         }
-        let (gw_rss, agent_rss) = (rss_kib(self.gw.proc.pid()), rss_kib(self.agent.pid()));
+        // Freed memory is given back to the system within about a second of the connections
+        // closing (and the allocator's high-water mark is reused otherwise): wait for it.
+        let rss_now = || (rss_kib(self.gw.proc.pid()), rss_kib(self.agent.pid()));
+        let (mut gw_rss, mut agent_rss) = rss_now();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while (gw_rss > rss.0 + slack || agent_rss > rss.1 + slack) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            (gw_rss, agent_rss) = rss_now();
+        }
         eprintln!(
             "{label}: gateway fds {} -> {}, RSS {} -> {} KiB; agent fds {} -> {}, RSS {} -> {} KiB",
             base.gw.fds,
