@@ -366,28 +366,68 @@ pub struct Reloaded {
     pub needs_restart: Vec<&'static str>,
 }
 
-/// Settings a reload cannot change, by the key an operator would edit.
-fn restart_only(old: &GatewaySettings, new: &GatewaySettings) -> Vec<&'static str> {
-    let mut out = Vec::new();
-    let mut differs = |key: &'static str, changed: bool| {
-        if changed {
+/// Settings a reload cannot change: each that differs in `new` gets its running value back
+/// (so the next reload compares against what really runs) and is named, by the key an operator
+/// would edit, in the result.
+fn keep_restart_only(old: &GatewaySettings, new: &mut GatewaySettings) -> Vec<&'static str> {
+    fn keep<T: PartialEq + Clone>(
+        key: &'static str,
+        old: &T,
+        new: &mut T,
+        out: &mut Vec<&'static str>,
+    ) {
+        if old != new {
             out.push(key);
+            *new = old.clone();
         }
-    };
-    differs("listen", old.listen != new.listen);
-    differs("cert/key/state_dir", old.identity != new.identity);
-    differs("admin_listen", old.admin_listen != new.admin_listen);
-    differs("accept_proxy", old.accept_proxy != new.accept_proxy);
-    differs("max_handshakes", old.max_handshakes != new.max_handshakes);
-    differs("drain_timeout", old.drain_timeout != new.drain_timeout);
-    differs("tcp_keepalive", old.tcp_keepalive != new.tcp_keepalive);
-    let t = (&old.timing, &new.timing);
-    differs("heartbeat", t.0.heartbeat != t.1.heartbeat);
-    differs("dead_after", t.0.dead_after != t.1.dead_after);
-    differs("token_ttl", t.0.token_ttl != t.1.token_ttl);
-    differs(
+    }
+    let mut out = Vec::new();
+    keep("listen", &old.listen, &mut new.listen, &mut out);
+    keep(
+        "cert/key/state_dir",
+        &old.identity,
+        &mut new.identity,
+        &mut out,
+    );
+    keep(
+        "admin_listen",
+        &old.admin_listen,
+        &mut new.admin_listen,
+        &mut out,
+    );
+    keep(
+        "accept_proxy",
+        &old.accept_proxy,
+        &mut new.accept_proxy,
+        &mut out,
+    );
+    keep(
+        "max_handshakes",
+        &old.max_handshakes,
+        &mut new.max_handshakes,
+        &mut out,
+    );
+    keep(
+        "drain_timeout",
+        &old.drain_timeout,
+        &mut new.drain_timeout,
+        &mut out,
+    );
+    keep(
+        "tcp_keepalive",
+        &old.tcp_keepalive,
+        &mut new.tcp_keepalive,
+        &mut out,
+    );
+    let (t, n) = (&old.timing, &mut new.timing);
+    keep("heartbeat", &t.heartbeat, &mut n.heartbeat, &mut out);
+    keep("dead_after", &t.dead_after, &mut n.dead_after, &mut out);
+    keep("token_ttl", &t.token_ttl, &mut n.token_ttl, &mut out);
+    keep(
         "handshake_timeout",
-        t.0.handshake_timeout != t.1.handshake_timeout,
+        &t.handshake_timeout,
+        &mut n.handshake_timeout,
+        &mut out,
     );
     out
 }
@@ -690,17 +730,7 @@ impl BoundGateway {
         mut new: GatewaySettings,
         public_tasks: &mut JoinSet<()>,
     ) -> Result<Reloaded, GatewayError> {
-        let needs_restart = restart_only(&self.settings, &new);
-        // What cannot change keeps its running value, so the next reload compares against
-        // what really runs.
-        new.listen = self.settings.listen;
-        new.identity = self.settings.identity.clone();
-        new.admin_listen = self.settings.admin_listen;
-        new.accept_proxy = self.settings.accept_proxy;
-        new.max_handshakes = self.settings.max_handshakes;
-        new.drain_timeout = self.settings.drain_timeout;
-        new.tcp_keepalive = self.settings.tcp_keepalive;
-        new.timing = self.settings.timing;
+        let needs_restart = keep_restart_only(&self.settings, &mut new);
 
         let services = service_configs(&new.services, &self.keys).await?;
         let http_changed = new.http != self.settings.http;
