@@ -7,6 +7,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use dialback_core::crypto::PasswordKey;
@@ -69,19 +70,22 @@ pub(crate) struct DataConn {
 }
 
 /// A pooled data connection parked until the core binds it to a client. The stream stays
-/// here, so binding takes it without waking another task; `watcher` sees it die meanwhile.
+/// here, so binding takes it without waking another task; the task that accepted it stays
+/// behind as its watcher (see [`watch_parked`]) and sees it die meanwhile.
 struct Parked {
     service: String,
     /// Always `Some` until a client takes it.
     stream: Option<MaybeTls>,
-    watcher: tokio::task::JoinHandle<()>,
+    /// The watcher's waker: woken when the connection leaves the pool, so that the watcher
+    /// ends (the socket's own wakers are dropped, not woken, when a later owner closes it).
+    watcher: Option<std::task::Waker>,
 }
 
 impl Drop for Parked {
     fn drop(&mut self) {
-        // The watcher holds a duplicate of the socket: stop it so the connection really closes
-        // (when this one is dropped) or stays solely with the client (when it is taken).
-        self.watcher.abort();
+        if let Some(w) = self.watcher.take() {
+            w.wake();
+        }
     }
 }
 
@@ -1216,38 +1220,62 @@ async fn control_conn(shared: Arc<Shared>, stream: MaybeTls, peer: SocketAddr, e
     debug!(conn = conn.0, %peer, "control connection closed");
 }
 
+/// What the core decided about a data connection's hello.
+enum HelloOutcome {
+    /// For this waiting client: answer DATA_ACCEPT and hand the connection over.
+    Paired(dialback_core::gateway::Paired, Waiting, MaybeTls, Vec<u8>),
+    /// Parked in the pool (to be watched), or dropped at once (`None`).
+    Parked(Option<u64>),
+    /// Refused with this reason; `None` when the client left meanwhile.
+    Refused(Option<dialback_core::gateway::DataReject>, MaybeTls),
+}
+
+/// Hands a data connection's hello to the core and acts on the decision, in one critical
+/// section.
+fn decide_hello(
+    shared: &Arc<Shared>,
+    stream: MaybeTls,
+    peer: SocketAddr,
+    hello: &dialback_core::wire::DataHello,
+    early: Vec<u8>,
+) -> HelloOutcome {
+    let tls = stream.is_tls();
+    let mut inner = shared.lock();
+    let r = inner.core.handle_data_hello(Instant::now(), hello, tls);
+    let outcome = match r {
+        Ok(DataOutcome::Paired(p)) => match inner.clients.remove(&p.client) {
+            Some(w) => HelloOutcome::Paired(p, w, stream, early),
+            None => HelloOutcome::Refused(None, stream),
+        },
+        Ok(DataOutcome::Parked {
+            pooled, service, ..
+        }) => {
+            // In the same critical section as the core's decision: from now on a client may
+            // be handed this connection, so it must already be in the map.
+            let parked = park(shared, &mut inner, stream, peer, pooled, service, early);
+            HelloOutcome::Parked(parked.then_some(pooled))
+        }
+        Err(rej) => HelloOutcome::Refused(Some(rej), stream),
+    };
+    shared.drive(&mut inner);
+    outcome
+}
+
 async fn data_conn(
     shared: Arc<Shared>,
-    mut stream: MaybeTls,
+    stream: MaybeTls,
     peer: SocketAddr,
     hello: dialback_core::wire::DataHello,
     early: Vec<u8>,
 ) {
-    let tls = stream.is_tls();
-    let outcome = {
-        let mut inner = shared.lock();
-        let r = inner.core.handle_data_hello(Instant::now(), &hello, tls);
-        let outcome = match r {
-            Ok(DataOutcome::Paired(p)) => {
-                inner.clients.remove(&p.client).map(|w| (p, w)).ok_or(None)
-            }
-            Ok(DataOutcome::Parked {
-                pooled, service, ..
-            }) => {
-                // In the same critical section as the core's decision: from now on a client
-                // may be handed this connection, so it must already be in the map.
-                park(&shared, &mut inner, stream, peer, pooled, service, early);
-                shared.drive(&mut inner);
-                return;
-            }
-            Err(rej) => Err(Some(rej)),
-        };
-        shared.drive(&mut inner);
-        outcome
-    };
-    let (paired, waiting) = match outcome {
-        Ok(v) => v,
-        Err(rej) => {
+    let (paired, waiting, mut stream, early) = match decide_hello(
+        &shared, stream, peer, &hello, early,
+    ) {
+        HelloOutcome::Paired(p, w, stream, early) => (p, w, stream, early),
+        // This task stays as the parked connection's watcher.
+        HelloOutcome::Parked(Some(pooled)) => return watch_parked(&shared, pooled).await,
+        HelloOutcome::Parked(None) => return,
+        HelloOutcome::Refused(rej, mut stream) => {
             let (code, msg) = match rej {
                 Some(r) => (r.code, r.message),
                 None => (
@@ -1277,9 +1305,9 @@ async fn data_conn(
     }));
 }
 
-/// Parks a pooled data connection in the shared map and starts its watcher. Anything the agent
-/// sends before DATA_BIND, EOF included, means the connection is unusable: the watcher reports
-/// it gone, and it is closed, never handed out.
+/// Parks a pooled data connection in the shared map; the caller then watches it with
+/// [`watch_parked`]. Anything the agent sends before DATA_BIND, EOF included, means the
+/// connection is unusable: it is then closed, never handed out. Returns whether it was parked.
 fn park(
     shared: &Arc<Shared>,
     inner: &mut Inner,
@@ -1288,50 +1316,43 @@ fn park(
     pooled: u64,
     service: String,
     early: Vec<u8>,
-) {
-    let watch = if early.is_empty() {
-        watch_fd(&stream)
+) -> bool {
+    let usable = if !early.is_empty() {
+        Err("the agent sent payload before DATA_BIND".to_owned())
+    } else if parked_tcp(&stream).is_none() {
+        Err("not a gateway-side data connection".to_owned())
     } else {
-        Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "the agent sent payload before DATA_BIND",
-        ))
+        Ok(())
     };
-    match watch {
-        Ok(dup) => {
-            let watcher = tokio::spawn(watch_parked(shared.clone(), dup, pooled));
+    match usable {
+        Ok(()) => {
             debug!(%peer, %service, pooled, "data connection parked in the pool");
             inner.pooled.insert(
                 pooled,
                 Parked {
                     service: service.clone(),
                     stream: Some(stream),
-                    watcher,
+                    watcher: None,
                 },
             );
             shared.sync_pool(inner, &service);
+            true
         }
         Err(e) => {
-            inner
-                .core
-                .handle_pooled_gone(Instant::now(), pooled, &e.to_string());
+            inner.core.handle_pooled_gone(Instant::now(), pooled, &e);
             debug!(%peer, %service, pooled, "pooled data connection dropped: {e}");
+            false
         }
     }
 }
 
-/// A duplicate of the connection's socket, registered with the runtime on its own, for the
-/// watcher to wait on while the original stays parked.
-fn watch_fd(stream: &MaybeTls) -> io::Result<TcpStream> {
-    use std::os::fd::AsFd;
-    let tcp = match stream {
-        MaybeTls::Plain(s) => s,
-        MaybeTls::ServerTls(s) => s.get_ref().0,
-        _ => return Err(io::Error::other("not a gateway-side data connection")),
-    };
-    let std = std::net::TcpStream::from(tcp.as_fd().try_clone_to_owned()?);
-    std.set_nonblocking(true)?;
-    TcpStream::from_std(std)
+/// The TCP socket under a gateway-side data connection.
+fn parked_tcp(stream: &MaybeTls) -> Option<&TcpStream> {
+    match stream {
+        MaybeTls::Plain(s) => Some(s),
+        MaybeTls::ServerTls(s) => Some(s.get_ref().0),
+        _ => None,
+    }
 }
 
 /// Whether a parked socket is still quiet: no EOF, no error, no bytes. Never consumes input.
@@ -1361,16 +1382,40 @@ fn still_quiet(s: &TcpStream) -> Result<(), String> {
     }
 }
 
-/// Waits until the parked connection becomes readable, which it must not before DATA_BIND:
-/// then it is taken out of the pool and closed. Aborted when the connection leaves the pool.
-async fn watch_parked(shared: Arc<Shared>, dup: TcpStream, pooled: u64) {
-    let reason = loop {
-        if let Err(e) = dup.readable().await {
-            break format!("wait failed: {e}");
+/// Watches parked connection `pooled` from the task that accepted it, on the socket's own
+/// registration (no duplicate descriptor, no extra task): it must not become readable before
+/// DATA_BIND, and if it does it is taken out of the pool and closed. Returns as soon as the
+/// connection has left the pool (bound to a client, or retired), which wakes this task.
+async fn watch_parked(shared: &Arc<Shared>, pooled: u64) {
+    let lost = std::future::poll_fn(|cx| {
+        let mut inner = shared.lock();
+        let Some(p) = inner.pooled.get_mut(&pooled) else {
+            return Poll::Ready(None);
+        };
+        let Some(tcp) = p.stream.as_ref().and_then(parked_tcp) else {
+            return Poll::Ready(None);
+        };
+        loop {
+            match tcp.poll_read_ready(cx) {
+                Poll::Pending => {
+                    if !p.watcher.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                        p.watcher = Some(cx.waker().clone());
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Some(format!("wait failed: {e}"))),
+                // A peek that would block clears the readiness: wait again.
+                Poll::Ready(Ok(())) => {
+                    if let Err(reason) = still_quiet(tcp) {
+                        return Poll::Ready(Some(reason));
+                    }
+                }
+            }
         }
-        if let Err(reason) = still_quiet(&dup) {
-            break reason;
-        }
+    })
+    .await;
+    let Some(reason) = lost else {
+        return;
     };
     let gone = {
         let mut inner = shared.lock();
@@ -1385,7 +1430,7 @@ async fn watch_parked(shared: Arc<Shared>, dup: TcpStream, pooled: u64) {
         }
         gone
     };
-    // Closes the connection. (Dropping `p` also aborts this task, which has nothing left to do.)
+    // Closes the connection, outside the lock.
     drop(gone);
 }
 
@@ -1581,12 +1626,8 @@ async fn bind_pooled(
     let Some(mut stream) = p.stream.take() else {
         return Err("not in the pool any more".into());
     };
-    drop(p); // stops the watcher
-    let tcp = match &stream {
-        MaybeTls::Plain(s) => s,
-        MaybeTls::ServerTls(s) => s.get_ref().0,
-        _ => return Err("not a gateway-side data connection".into()),
-    };
+    drop(p); // ends the watcher
+    let tcp = parked_tcp(&stream).ok_or("not a gateway-side data connection")?;
     still_quiet(tcp)?;
     match tokio::time::timeout(shared.handshake_timeout, stream.write_all(bind)).await {
         Ok(Ok(())) => Ok(stream),
