@@ -43,6 +43,9 @@ pub struct Pipe {
     write: OwnedFd,
     /// Bytes sitting in the pipe, spliced in but not yet out.
     pub pending: usize,
+    /// How many buffers (pages) the pipe holds; each spliced-in buffer fills one, whatever
+    /// its size. 0 when unknown.
+    slots: usize,
 }
 
 impl Pipe {
@@ -74,11 +77,23 @@ impl Pipe {
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         // A bigger pipe means fewer wake-ups per megabyte; if the limit refuses, the default works.
         // SAFETY: plain fcntl on an fd we own.
-        unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, CHUNK as libc::c_int) };
+        let mut bytes =
+            unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, CHUNK as libc::c_int) };
+        if bytes < 0 {
+            // SAFETY: plain fcntl on an fd we own.
+            bytes = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
+        }
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        let slots = match (usize::try_from(bytes), usize::try_from(page)) {
+            (Ok(b), Ok(p)) if p > 0 => b / p,
+            _ => 0,
+        };
         Ok(Pipe {
             read,
             write,
             pending: 0,
+            slots,
         })
     }
 }
@@ -162,7 +177,24 @@ async fn one_way(
         if !eof {
             let fill = || splice(from.as_raw_fd(), pipe.write.as_raw_fd(), CHUNK);
             let r = if pipe.pending == 0 {
-                from.try_io(Interest::READABLE, fill)
+                // Fewer bytes than the empty pipe has buffers means the pipe did not fill up
+                // (each buffer holds at least one byte) and CHUNK was not reached: the socket
+                // had nothing more. Telling tokio so (as if the call had failed with EAGAIN)
+                // clears the readiness now and saves the call that would only get EAGAIN;
+                // bytes or an EOF arriving later raise a new readiness.
+                let slots = pipe.slots;
+                let mut short = 0;
+                let r = from.try_io(Interest::READABLE, || match fill() {
+                    Ok(n) if n > 0 && n < slots => {
+                        short = n;
+                        Err(io::ErrorKind::WouldBlock.into())
+                    }
+                    r => r,
+                });
+                match r {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && short > 0 => Ok(short),
+                    r => r,
+                }
             } else {
                 fill()
             };
@@ -312,6 +344,54 @@ mod tests {
         assert_eq!(writer.await.unwrap(), b"reply after EOF");
         let (ab, ba) = relay.await.unwrap().unwrap();
         assert_eq!((ab, ba), (5_000_000, 15));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn small_messages_back_and_forth_never_stall() {
+        // Short splices clear the socket's readiness without a call that gets EAGAIN; every
+        // later message must still wake the relay, in both directions, and the EOF too.
+        let (mut client, a) = pair().await;
+        let (b, mut server) = pair().await;
+        let relay =
+            tokio::spawn(
+                async move { relay(&a, &b, Pipes::new().unwrap(), &|_| {}, &|_| {}).await },
+            );
+        let wait = std::time::Duration::from_secs(10);
+        for i in 0..200u32 {
+            let ping = format!("ping {i}");
+            client.write_all(ping.as_bytes()).await.unwrap();
+            let mut got = vec![0u8; ping.len()];
+            tokio::time::timeout(wait, server.read_exact(&mut got))
+                .await
+                .expect("forward message stalled")
+                .unwrap();
+            assert_eq!(got, ping.as_bytes());
+            let pong = format!("pong {i}!");
+            server.write_all(pong.as_bytes()).await.unwrap();
+            let mut got = vec![0u8; pong.len()];
+            tokio::time::timeout(wait, client.read_exact(&mut got))
+                .await
+                .expect("backward message stalled")
+                .unwrap();
+            assert_eq!(got, pong.as_bytes());
+        }
+        client.write_all(b"last").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(wait, server.read_to_end(&mut rest))
+            .await
+            .expect("EOF after a short message stalled")
+            .unwrap();
+        assert_eq!(rest, b"last");
+        server.shutdown().await.unwrap();
+        let (ab, ba) = tokio::time::timeout(wait, relay)
+            .await
+            .expect("relay did not end")
+            .unwrap()
+            .unwrap();
+        let pings: u64 = (0..200u32).map(|i| format!("ping {i}").len() as u64).sum();
+        let pongs: u64 = (0..200u32).map(|i| format!("pong {i}!").len() as u64).sum();
+        assert_eq!((ab, ba), (pings + 4, pongs));
     }
 
     #[tokio::test]
