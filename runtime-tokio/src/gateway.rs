@@ -1523,14 +1523,33 @@ pub(crate) async fn open_data(
     peer: SocketAddr,
     public: Option<SocketAddr>,
 ) -> Result<DataConn, OpenError> {
+    open_data_for(shared, service, peer, public, None)
+        .await
+        .map(|(d, _)| d)
+}
+
+/// [`open_data`] for a raw TCP client: when it is bound to a pooled connection, the bytes
+/// the client already sent go out in the same write as DATA_BIND (one segment, one wake-up
+/// of the agent, instead of two). Returns the data connection and how many of the client's
+/// bytes were sent that way.
+async fn open_data_for(
+    shared: &Arc<Shared>,
+    service: &str,
+    peer: SocketAddr,
+    public: Option<SocketAddr>,
+    client: Option<&TcpStream>,
+) -> Result<(DataConn, usize), OpenError> {
     let svc = shared.metrics.service(service);
     if let Some(group) = shared.upstreams.get(service) {
         return match group.connect(peer).await {
-            Ok((tcp, lease)) => Ok(DataConn {
-                stream: MaybeTls::Plain(tcp),
-                early: Vec::new(),
-                lease: Some(lease),
-            }),
+            Ok((tcp, lease)) => Ok((
+                DataConn {
+                    stream: MaybeTls::Plain(tcp),
+                    early: Vec::new(),
+                    lease: Some(lease),
+                },
+                0,
+            )),
             Err(why) => {
                 if let Some(m) = svc {
                     m.client_failed("upstream_unreachable");
@@ -1585,54 +1604,135 @@ pub(crate) async fn open_data(
                 info!(%peer, %service, "client refused: {e}");
                 return Err(e.into());
             }
-            Ok(None) => return await_dialback(shared, service, peer, id, rx).await,
-            Ok(Some((pooled, bind, parked))) => match bind_pooled(shared, parked, &bind).await {
-                Ok(stream) => {
-                    if let Some(m) = svc {
-                        m.pairing_latency(since.elapsed());
+            Ok(None) => {
+                return await_dialback(shared, service, peer, id, rx)
+                    .await
+                    .map(|d| (d, 0))
+            }
+            Ok(Some((pooled, bind, parked))) => {
+                match bind_pooled(shared, parked, bind, client).await {
+                    Ok((stream, ahead)) => {
+                        if let Some(m) = svc {
+                            m.pairing_latency(since.elapsed());
+                        }
+                        debug!(%peer, %service, pooled, "client bound to a pooled data connection");
+                        let data = DataConn {
+                            stream,
+                            early: Vec::new(),
+                            lease: None,
+                        };
+                        return Ok((data, ahead));
                     }
-                    debug!(%peer, %service, pooled, "client bound to a pooled data connection");
-                    return Ok(DataConn {
-                        stream,
-                        early: Vec::new(),
-                        lease: None,
-                    });
+                    Err(BindError::ClientBytesLost(reason)) => {
+                        let mut inner = shared.lock();
+                        inner
+                            .core
+                            .handle_pooled_gone(Instant::now(), pooled, &reason);
+                        shared.drive(&mut inner);
+                        debug!(%peer, %service, pooled, "pooled data connection lost with the client's first bytes ({reason}); closing the client");
+                        return Err(OpenError::Failed(None));
+                    }
+                    Err(BindError::Unusable(reason)) => {
+                        let mut inner = shared.lock();
+                        inner
+                            .core
+                            .handle_pooled_gone(Instant::now(), pooled, &reason);
+                        shared.drive(&mut inner);
+                        debug!(%peer, %service, pooled, "pooled data connection unusable ({reason}); trying again");
+                    }
                 }
-                Err(reason) => {
-                    let mut inner = shared.lock();
-                    inner
-                        .core
-                        .handle_pooled_gone(Instant::now(), pooled, &reason);
-                    shared.drive(&mut inner);
-                    debug!(%peer, %service, pooled, "pooled data connection unusable ({reason}); trying again");
-                }
-            },
+            }
         }
     }
     warn!(%peer, %service, "client dropped: no usable pooled data connection");
     Err(OpenError::Failed(None))
 }
 
+/// Why a pooled connection could not be bound.
+enum BindError {
+    /// Unusable, and nothing of the client's was consumed: try another one.
+    Unusable(String),
+    /// The write failed after the client's first bytes were read: the client cannot be
+    /// served without them.
+    ClientBytesLost(String),
+}
+
+/// At most this many bytes the client already sent ride along with DATA_BIND.
+const BIND_AHEAD: usize = 2048;
+
 /// Checks that a pooled connection taken from the pool is still quiet, then writes DATA_BIND
-/// to it. Payload may follow at once.
+/// to it, followed in the same write by what `client` has already sent (without waiting for
+/// it). Returns the connection and how many client bytes went with DATA_BIND.
 async fn bind_pooled(
     shared: &Shared,
     parked: Option<Parked>,
-    bind: &[u8],
-) -> Result<MaybeTls, String> {
+    mut bind: Vec<u8>,
+    client: Option<&TcpStream>,
+) -> Result<(MaybeTls, usize), BindError> {
+    let gone = || BindError::Unusable("not in the pool any more".into());
     let Some(mut p) = parked else {
-        return Err("not in the pool any more".into());
+        return Err(gone());
     };
     let Some(mut stream) = p.stream.take() else {
-        return Err("not in the pool any more".into());
+        return Err(gone());
     };
     drop(p); // ends the watcher
-    let tcp = parked_tcp(&stream).ok_or("not a gateway-side data connection")?;
-    still_quiet(tcp)?;
-    match tokio::time::timeout(shared.handshake_timeout, stream.write_all(bind)).await {
-        Ok(Ok(())) => Ok(stream),
-        Ok(Err(e)) => Err(format!("write failed: {e}")),
-        Err(_) => Err("stalled at DATA_BIND".into()),
+    let tcp = parked_tcp(&stream)
+        .ok_or_else(|| BindError::Unusable("not a gateway-side data connection".into()))?;
+    still_quiet(tcp).map_err(BindError::Unusable)?;
+    let ahead = client.map_or(0, |c| read_ahead(c, &mut bind));
+    let write = async {
+        // A fresh connection's send buffer is empty: this write is nearly always complete at
+        // once, without arming a timer.
+        let mut done = match &stream {
+            MaybeTls::Plain(s) => match s.try_write(&bind) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => return Err(format!("write failed: {e}")),
+            },
+            _ => 0,
+        };
+        if done < bind.len() {
+            match tokio::time::timeout(shared.handshake_timeout, stream.write_all(&bind[done..]))
+                .await
+            {
+                Ok(Ok(())) => done = bind.len(),
+                Ok(Err(e)) => return Err(format!("write failed: {e}")),
+                Err(_) => return Err("stalled at DATA_BIND".into()),
+            }
+        }
+        Ok(done)
+    };
+    match write.await {
+        Ok(_) => Ok((stream, ahead)),
+        Err(e) if ahead > 0 => Err(BindError::ClientBytesLost(e)),
+        Err(e) => Err(BindError::Unusable(e)),
+    }
+}
+
+/// Appends to `out` what the client has already sent, up to [`BIND_AHEAD`] bytes, without
+/// waiting; returns how many. Nothing (0) when it sent nothing yet, or closed, or failed: the
+/// relay then sees that for itself.
+fn read_ahead(client: &TcpStream, out: &mut Vec<u8>) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut buf = [0u8; BIND_AHEAD];
+    // A plain non-blocking recv, not through tokio's readiness (which may not have seen the
+    // client's bytes yet): the relay's first splice clears any readiness left stale.
+    // SAFETY: a non-blocking recv into a valid buffer on a socket fd we hold.
+    let n = unsafe {
+        libc::recv(
+            client.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    match usize::try_from(n) {
+        Ok(n) if n > 0 => {
+            out.extend_from_slice(&buf[..n]);
+            n
+        }
+        _ => 0,
     }
 }
 
@@ -1711,7 +1811,8 @@ async fn client_conn(
     if !check_client(&shared, &service, peer).await {
         return;
     }
-    let Ok(data) = open_data(&shared, &service, peer, public).await else {
+    let Ok((data, ahead)) = open_data_for(&shared, &service, peer, public, Some(&client)).await
+    else {
         return;
     };
     let DataConn {
@@ -1723,9 +1824,10 @@ async fn client_conn(
         return;
     };
     let conn = svc.connection_opened();
+    conn.add_up(ahead as u64);
     let (up, down) = (|n| conn.add_up(n), |n| conn.add_down(n));
     match crate::relay::relay(client, stream, &early, &up, &down).await {
-        Ok((up, down)) => debug!(%peer, %service, up, down, "client done"),
+        Ok((up, down)) => debug!(%peer, %service, up = up + ahead as u64, down, "client done"),
         Err(e) => debug!(%peer, %service, "client relay ended: {e}"),
     }
 }
