@@ -269,6 +269,18 @@ async fn service_loop(
 }
 
 async fn dial(ctx: &Ctx, tls: bool) -> Result<MaybeTls, SessionEnd> {
+    if !tls {
+        // `outbound::connect` keeps to the timeout by itself.
+        return crate::outbound::connect(
+            &ctx.gateway,
+            &ctx.proxies,
+            ctx.connect_timeout,
+            ctx.tcp_keepalive,
+        )
+        .await
+        .map(MaybeTls::Outbound)
+        .map_err(SessionEnd::Connect);
+    }
     let fut = async {
         let out = crate::outbound::connect(
             &ctx.gateway,
@@ -278,9 +290,6 @@ async fn dial(ctx: &Ctx, tls: bool) -> Result<MaybeTls, SessionEnd> {
         )
         .await
         .map_err(SessionEnd::Connect)?;
-        if !tls {
-            return Ok(MaybeTls::Outbound(out));
-        }
         let s = ctx
             .connector
             .connect(ctx.server_name.clone(), out)
@@ -393,6 +402,19 @@ async fn session(
     }
 }
 
+/// A public client's address for logs: `-` when unknown.
+#[derive(Clone, Copy)]
+struct ClientAddr(Option<std::net::SocketAddr>);
+
+impl std::fmt::Display for ClientAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => a.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
+}
+
 async fn data_task(
     ctx: Arc<Ctx>,
     local: String,
@@ -410,19 +432,27 @@ async fn data_task(
             m.data_failed(reason);
         }
     };
-    let client = req
-        .client
-        .map(|a| a.to_string())
-        .unwrap_or_else(|| "-".into());
+    // Formatted only if a log line is written.
+    let client = ClientAddr(req.client);
     let opened = async {
         let mut gw = dial(&ctx, req.data_tls).await.map_err(|e| e.to_string())?;
-        tokio::time::timeout(
-            ctx.connect_timeout,
-            gw.write_all(&encode_data_hello(&req.hello)),
-        )
-        .await
-        .map_err(|_| "gateway did not take the data hello in time".to_owned())?
-        .map_err(|e| e.to_string())?;
+        let hello = encode_data_hello(&req.hello);
+        // A fresh plain connection takes the hello at once; only a TLS one, or a full send
+        // buffer, needs the timed write.
+        let done = match &gw {
+            MaybeTls::Outbound(out) => match out.tcp().try_write(&hello) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+                Err(e) => return Err(e.to_string()),
+            },
+            _ => 0,
+        };
+        if done < hello.len() {
+            tokio::time::timeout(ctx.connect_timeout, gw.write_all(&hello[done..]))
+                .await
+                .map_err(|_| "gateway did not take the data hello in time".to_owned())?
+                .map_err(|e| e.to_string())?;
+        }
         Ok::<_, String>(gw)
     };
     let mut gw = match opened.await {
@@ -468,12 +498,7 @@ async fn data_task(
         Some(Ok((DataAnswer::Accept, early))) => (client, early),
         Some(Ok((DataAnswer::Bind(b), early))) => {
             origin = (b.client, b.public);
-            (
-                b.client
-                    .map(|a| a.to_string())
-                    .unwrap_or_else(|| "-".into()),
-                early,
-            )
+            (ClientAddr(b.client), early)
         }
         Some(Err(None)) if req.pooled => {
             debug!(%service, "pooled data connection retired by the gateway");

@@ -20,6 +20,11 @@ pub struct Outbound {
 }
 
 impl Outbound {
+    /// The socket, for writes that bypass the early buffer (which only holds bytes read).
+    pub fn tcp(&self) -> &TcpStream {
+        &self.tcp
+    }
+
     /// Bytes not yet read from the early buffer, and the socket.
     pub fn into_parts(self) -> (Vec<u8>, TcpStream) {
         let Outbound {
