@@ -170,11 +170,32 @@ impl Wake for TaskWaker {
 /// A relay and the waker that re-queues it (made once, so polling never allocates).
 type Task = (Pin<Box<dyn Future<Output = ()>>>, Waker);
 
+/// The loop's ring. Only this thread ever submits, so the kernel can keep completion work
+/// for the moment the loop asks for events (DEFER_TASKRUN, Linux 6.1) instead of interrupting
+/// the thread for each socket event with an inter-processor wake-up: under small keep-alive
+/// requests that wake-up was the largest single cost of the loop (15.8% of the gateway's
+/// cycles in `sock_def_readable`, against 7.4% for the epoll runtime). Older kernels get
+/// COOP_TASKRUN (5.19), or a plain ring.
+fn new_ring() -> io::Result<IoUring> {
+    const ENTRIES: u32 = 1024;
+    if let Ok(ring) = IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .build(ENTRIES)
+    {
+        return Ok(ring);
+    }
+    if let Ok(ring) = IoUring::builder().setup_coop_taskrun().build(ENTRIES) {
+        return Ok(ring);
+    }
+    IoUring::new(ENTRIES)
+}
+
 /// Runs one loop until the job channel closes (the process exits first, in practice).
 /// Reports the eventfd that wakes it, or why it could not start.
 pub(crate) fn run(jobs: mpsc::Receiver<Job>, started: mpsc::SyncSender<io::Result<OwnedFd>>) {
     let setup = (|| {
-        let ring = IoUring::new(1024)?;
+        let ring = new_ring()?;
         // SAFETY: plain eventfd creation.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if efd < 0 {
