@@ -58,6 +58,13 @@ impl Pipe {
         }
     }
 
+    /// True when `n` bytes spliced into this pipe while it was empty show that the socket
+    /// had nothing more: fewer bytes than the pipe has buffers (each spliced-in buffer takes
+    /// one, however small) means the pipe did not fill, and `n` is below [`CHUNK`].
+    pub fn drained_by(&self, n: usize) -> bool {
+        n > 0 && n < self.slots
+    }
+
     pub fn read_fd(&self) -> RawFd {
         self.read.as_raw_fd()
     }
@@ -182,10 +189,9 @@ async fn one_way(
                 // had nothing more. Telling tokio so (as if the call had failed with EAGAIN)
                 // clears the readiness now and saves the call that would only get EAGAIN;
                 // bytes or an EOF arriving later raise a new readiness.
-                let slots = pipe.slots;
                 let mut short = 0;
                 let r = from.try_io(Interest::READABLE, || match fill() {
-                    Ok(n) if n > 0 && n < slots => {
+                    Ok(n) if pipe.drained_by(n) => {
                         short = n;
                         Err(io::ErrorKind::WouldBlock.into())
                     }

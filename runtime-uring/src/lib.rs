@@ -33,14 +33,23 @@ pub(crate) struct Progress {
     pub(crate) ba: AtomicU64,
 }
 
-/// One relay handed to a loop: its own duplicates of both sockets, and the pipes of the first
-/// pass made before the hand-over (holding bytes not yet delivered, if any).
+/// Where the first pass left one direction.
+pub(crate) struct Start {
+    /// A pipe still holding bytes the destination did not take yet.
+    pub(crate) pipe: Option<Pipe>,
+    /// Bytes the first pass delivered.
+    pub(crate) moved: u64,
+    /// The source had nothing more to read: the loop starts by waiting for it rather than
+    /// with a splice that would only get EAGAIN.
+    pub(crate) source_empty: bool,
+}
+
+/// One relay handed to a loop: both sockets (the loop's own descriptors), and where the first
+/// pass made before the hand-over left each direction (a→b, b→a).
 pub(crate) struct Job {
     pub(crate) a: OwnedFd,
     pub(crate) b: OwnedFd,
-    pub(crate) pipes: (Option<Pipe>, Option<Pipe>),
-    /// Bytes the first pass delivered (a→b, b→a).
-    pub(crate) early: (u64, u64),
+    pub(crate) start: (Start, Start),
     pub(crate) progress: Arc<Progress>,
     pub(crate) done: tokio::sync::oneshot::Sender<io::Result<(u64, u64)>>,
 }
@@ -111,29 +120,37 @@ impl UringDataPlane {
 
 /// One non-blocking pass `from` → `to` before the relay is handed over, so bytes that are
 /// already waiting (a client's request, typically) do not wait for the loop to wake up.
-/// Returns the pipe if it still holds bytes the destination did not take yet, and the bytes
-/// delivered. An error (a reset, say) ends the relay here, as it would in the loop: a socket
-/// reports its error once, so it must not be swallowed.
-fn first_pass(from: &OwnedFd, to: &OwnedFd) -> io::Result<(Option<Pipe>, u64)> {
-    let Ok(mut pipe) = Pipe::take() else {
-        return Ok((None, 0));
+/// An error (a reset, say) ends the relay here, as it would in the loop: a socket reports its
+/// error once, so it must not be swallowed.
+fn first_pass(from: &OwnedFd, to: &OwnedFd) -> io::Result<Start> {
+    let nothing = |source_empty| Start {
+        pipe: None,
+        moved: 0,
+        source_empty,
     };
-    match splice(from.as_raw_fd(), pipe.write_fd(), CHUNK) {
-        Ok(n) if n > 0 => pipe.pending = n,
+    let Ok(mut pipe) = Pipe::take() else {
+        return Ok(nothing(false));
+    };
+    let source_empty = match splice(from.as_raw_fd(), pipe.write_fd(), CHUNK) {
+        Ok(n) if n > 0 => {
+            let drained = pipe.drained_by(n);
+            pipe.pending = n;
+            drained
+        }
         // EOF is seen again by the loop, which passes it on.
         Ok(_) => {
             recycle(pipe);
-            return Ok((None, 0));
+            return Ok(nothing(false));
         }
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
             recycle(pipe);
-            return Ok((None, 0));
+            return Ok(nothing(true));
         }
         Err(e) => {
             recycle(pipe);
             return Err(e);
         }
-    }
+    };
     let moved = match splice(pipe.read_fd(), to.as_raw_fd(), pipe.pending) {
         Ok(m) => {
             pipe.pending -= m;
@@ -143,12 +160,17 @@ fn first_pass(from: &OwnedFd, to: &OwnedFd) -> io::Result<(Option<Pipe>, u64)> {
         // The pipe holds bytes of this connection: dropping it closes it.
         Err(e) => return Err(e),
     };
-    if pipe.pending == 0 {
+    let pipe = if pipe.pending == 0 {
         recycle(pipe);
-        Ok((None, moved))
+        None
     } else {
-        Ok((Some(pipe), moved))
-    }
+        Some(pipe)
+    };
+    Ok(Start {
+        pipe,
+        moved,
+        source_empty,
+    })
 }
 
 fn dup(s: &TcpStream) -> io::Result<OwnedFd> {
@@ -203,7 +225,7 @@ impl UringDataPlane {
         Box::pin(async move {
             let (a, b) = fds?;
             let passes = first_pass(&a, &b).and_then(|ab| Ok((ab, first_pass(&b, &a)?)));
-            let ((pipe_ab, early_ab), (pipe_ba, early_ba)) = match passes {
+            let (ab, ba) = match passes {
                 Ok(p) => p,
                 Err(e) => {
                     // A broken stream must not look complete: reset both ends.
@@ -213,14 +235,13 @@ impl UringDataPlane {
                 }
             };
             let progress = Arc::new(Progress::default());
-            progress.ab.store(early_ab, Ordering::Relaxed);
-            progress.ba.store(early_ba, Ordering::Relaxed);
+            progress.ab.store(ab.moved, Ordering::Relaxed);
+            progress.ba.store(ba.moved, Ordering::Relaxed);
             let (done, mut result) = tokio::sync::oneshot::channel();
             self.submit(Job {
                 a,
                 b,
-                pipes: (pipe_ab, pipe_ba),
-                early: (early_ab, early_ba),
+                start: (ab, ba),
                 progress: progress.clone(),
                 done,
             })?;

@@ -14,17 +14,23 @@ use dialback_tokio::relay::reset_on_close;
 use dialback_tokio::splice::{recycle, shutdown_write_fd, splice, Pipe, CHUNK};
 
 use crate::executor::readiness;
-use crate::Job;
+use crate::{Job, Start};
 
 const POLLIN: u32 = libc::POLLIN as u32;
 const POLLOUT: u32 = libc::POLLOUT as u32;
 
-pub(crate) async fn run_job(mut job: Job) {
-    let pipes = (job.pipes.0.take(), job.pipes.1.take());
-    let r = relay(job.a.as_raw_fd(), job.b.as_raw_fd(), pipes, &job.progress)
+pub(crate) async fn run_job(job: Job) {
+    let Job {
+        a,
+        b,
+        start: (ab, ba),
+        progress,
+        done,
+    } = job;
+    let early = (ab.moved, ba.moved);
+    let r = relay(a.as_raw_fd(), b.as_raw_fd(), (ab, ba), &progress)
         .await
-        .map(|(ab, ba)| (ab + job.early.0, ba + job.early.1));
-    let Job { a, b, done, .. } = job;
+        .map(|(ab, ba)| (ab + early.0, ba + early.1));
     if r.is_err() {
         // A broken stream must not look complete: both ends get a reset, not a FIN.
         reset_on_close(&a);
@@ -39,20 +45,32 @@ pub(crate) async fn run_job(mut job: Job) {
 async fn relay(
     a: RawFd,
     b: RawFd,
-    pipes: (Option<Pipe>, Option<Pipe>),
+    (ab, ba): (Start, Start),
     progress: &crate::Progress,
 ) -> io::Result<(u64, u64)> {
     // A pipe from the first pass may still hold bytes: one_way delivers them first.
-    let (mut ab, mut ba) = pipes;
+    let (mut pab, mut pba) = (ab.pipe, ba.pipe);
     let r = TryJoin {
-        a: Some(Box::pin(one_way(a, b, &mut ab, &progress.ab))),
-        b: Some(Box::pin(one_way(b, a, &mut ba, &progress.ba))),
+        a: Some(Box::pin(one_way(
+            a,
+            b,
+            &mut pab,
+            ab.source_empty,
+            &progress.ab,
+        ))),
+        b: Some(Box::pin(one_way(
+            b,
+            a,
+            &mut pba,
+            ba.source_empty,
+            &progress.ba,
+        ))),
         ra: None,
         rb: None,
     }
     .await;
     // After an error a pipe may hold bytes of this connection: `recycle` closes those.
-    for p in [ab, ba].into_iter().flatten() {
+    for p in [pab, pba].into_iter().flatten() {
         recycle(p);
     }
     r
@@ -63,10 +81,14 @@ async fn one_way(
     from: RawFd,
     to: RawFd,
     slot: &mut Option<Pipe>,
+    source_empty: bool,
     moved: &AtomicU64,
 ) -> io::Result<u64> {
     let mut total = 0u64;
     let mut eof = false;
+    if source_empty && slot.is_none() {
+        readiness(from, POLLIN).await?;
+    }
     // Used only while no pipe can be had (out of descriptors): the direction then copies
     // through this buffer instead of failing the connection.
     let mut fallback: Option<Vec<u8>> = None;
@@ -92,10 +114,14 @@ async fn one_way(
             },
         };
         let mut progress = false;
+        // The source is known to be empty for now, so once the pipe is delivered the next
+        // step is to wait, not a splice that would only get EAGAIN.
+        let mut drained = false;
         if !eof {
             match splice(from, pipe.write_fd(), CHUNK) {
                 Ok(0) => eof = true,
                 Ok(n) => {
+                    drained = pipe.pending == 0 && pipe.drained_by(n);
                     pipe.pending += n;
                     progress = true;
                 }
@@ -119,11 +145,12 @@ async fn one_way(
             shutdown_write_fd(to);
             return Ok(total);
         }
-        if progress {
+        if progress && !(drained && pipe.pending == 0) {
             continue;
         }
-        // Poll readiness is level-triggered: no wake-up can be lost between the splice that
-        // found nothing and this wait.
+        // Poll readiness is level-triggered (it is checked when the poll is armed): no
+        // wake-up can be lost between the splice that found nothing, or found the socket
+        // drained, and this wait.
         if pipe.pending > 0 {
             readiness(to, POLLOUT).await?;
         } else {

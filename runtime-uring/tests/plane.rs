@@ -239,3 +239,93 @@ async fn an_owned_relay_dropped_before_it_ran_closes_its_sockets() {
         assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "{r:?}");
     }
 }
+
+/// Short messages back and forth: each one drains its socket, so the loop waits right after
+/// delivering it instead of splicing again; no message and no EOF may be left waiting. The
+/// first bytes of each side are sent before the hand-over (the first pass moves them, and a
+/// direction whose source was found empty starts by waiting).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_messages_back_and_forth_never_stall() {
+    let plane = std::sync::Arc::new(UringDataPlane::start(1).unwrap());
+    let wait = Duration::from_secs(10);
+    for before in [&b""[..], b"hello", b"hello and more"] {
+        let (mut client, a) = pair().await;
+        let (b, mut server) = pair().await;
+        client.write_all(before).await.unwrap();
+        if before.len() > 5 {
+            server.write_all(b"banner").await.unwrap();
+        }
+        // The bytes have reached the sockets the plane takes over.
+        if !before.is_empty() {
+            tokio::time::timeout(wait, a.readable())
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        if before.len() > 5 {
+            tokio::time::timeout(wait, b.readable())
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let p = plane.clone();
+        let relay = tokio::spawn(async move { p.relay_owned(a, b, &|_| {}, &|_| {}).await });
+        let mut got = vec![0u8; before.len()];
+        tokio::time::timeout(wait, server.read_exact(&mut got))
+            .await
+            .expect("bytes sent before the hand-over stalled")
+            .unwrap();
+        assert_eq!(got, before);
+        let mut banner = 0;
+        if before.len() > 5 {
+            let mut got = [0u8; 6];
+            tokio::time::timeout(wait, client.read_exact(&mut got))
+                .await
+                .expect("server's first bytes stalled")
+                .unwrap();
+            assert_eq!(&got, b"banner");
+            banner = 6;
+        }
+        for i in 0..200u32 {
+            let ping = format!("ping {i}");
+            client.write_all(ping.as_bytes()).await.unwrap();
+            let mut got = vec![0u8; ping.len()];
+            tokio::time::timeout(wait, server.read_exact(&mut got))
+                .await
+                .expect("forward message stalled")
+                .unwrap();
+            assert_eq!(got, ping.as_bytes());
+            let pong = format!("pong {i}!");
+            server.write_all(pong.as_bytes()).await.unwrap();
+            let mut got = vec![0u8; pong.len()];
+            tokio::time::timeout(wait, client.read_exact(&mut got))
+                .await
+                .expect("backward message stalled")
+                .unwrap();
+            assert_eq!(got, pong.as_bytes());
+        }
+        client.write_all(b"last").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(wait, server.read_to_end(&mut rest))
+            .await
+            .expect("EOF after a short message stalled")
+            .unwrap();
+        assert_eq!(rest, b"last");
+        server.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(wait, client.read_to_end(&mut rest))
+            .await
+            .expect("EOF back to the client stalled")
+            .unwrap();
+        assert!(rest.is_empty());
+        let (ab, ba) = tokio::time::timeout(wait, relay)
+            .await
+            .expect("relay did not end")
+            .unwrap()
+            .unwrap();
+        let pings: u64 = (0..200u32).map(|i| format!("ping {i}").len() as u64).sum();
+        let pongs: u64 = (0..200u32).map(|i| format!("pong {i}!").len() as u64).sum();
+        assert_eq!((ab, ba), (before.len() as u64 + pings + 4, banner + pongs));
+    }
+}
