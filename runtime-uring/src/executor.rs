@@ -1,6 +1,7 @@
 //! One relay loop: a single-threaded executor whose only reactor is an io_uring. Futures wait
-//! for socket readiness with [`readiness`] (IORING_OP_POLL_ADD); new jobs arrive on a channel
-//! announced through an eventfd that the ring reads.
+//! for socket readiness with [`readiness`] (IORING_OP_POLL_ADD) or move messages through the
+//! loop's shared buffers with [`recv`] and [`send`]; new jobs arrive on a channel announced
+//! through an eventfd that the ring reads.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -17,27 +18,52 @@ use crate::Job;
 
 /// user_data of the eventfd read that announces jobs.
 const UD_WAKE: u64 = u64::MAX;
-/// user_data of cancellations; their own completions need no handling.
-const UD_CANCEL: u64 = u64::MAX - 1;
+/// user_data of cancellations and buffer returns; their own completions need no handling.
+const UD_IGNORE: u64 = u64::MAX - 1;
+
+/// The loop's receive buffers, shared by all its relays (IORING_OP_PROVIDE_BUFFERS): the kernel
+/// takes one only when bytes arrive, so an idle relay holds none, and the loop's memory does
+/// not grow with the number of connections.
+pub(crate) const BUF_SIZE: usize = 8 * 1024;
+/// Receive buffers per loop by default: 512 KiB, touched only as they are used.
+pub(crate) const BUF_COUNT: u16 = 64;
+/// Buffer group id of the loop's receive buffers.
+const BGID: u16 = 1;
 
 enum Op {
     Free,
-    Waiting(Option<Waker>),
-    Done(i32),
-    /// Its future was dropped; a cancellation is on its way, then the slot is freed.
-    Abandoned,
+    /// Submitted. `holds`: a loop buffer the kernel reads from while the operation runs (a
+    /// send's), which must not be handed out again before it completes.
+    Waiting {
+        waker: Option<Waker>,
+        holds: Option<u16>,
+    },
+    Done {
+        res: i32,
+        flags: u32,
+        holds: Option<u16>,
+    },
+    /// Its future was dropped; a cancellation is on its way. When the operation completes,
+    /// the buffers it held or received go back to the kernel and the slot is freed.
+    Abandoned {
+        holds: Option<u16>,
+    },
 }
 
 struct Reactor {
     ring: IoUring,
     ops: Vec<Op>,
     free: Vec<usize>,
+    /// The loop's receive buffers of BUF_SIZE each, leaked: the kernel may write into them until the ring
+    /// is gone, and a loop lives as long as its process.
+    bufs: &'static mut [u8],
 }
 
 impl Reactor {
     fn push(&mut self, e: &squeue::Entry) {
-        // SAFETY: our entries reference only descriptors (no buffers, except the eventfd read
-        // buffer, which lives as long as the loop).
+        // SAFETY: our entries reference descriptors, the leaked eventfd read buffer, and the
+        // leaked loop buffers, which outlive the ring; a buffer is never lent to two
+        // operations at once (see `Lent`).
         while unsafe { self.ring.submission().push(e) }.is_err() {
             if let Err(err) = self.ring.submit() {
                 warn!("io_uring submit failed: {err}");
@@ -62,6 +88,35 @@ impl Reactor {
         self.ops[k] = Op::Free;
         self.free.push(k);
     }
+
+    /// Gives loop buffer `bid` back to the kernel's pool.
+    fn give_back(&mut self, bid: u16) {
+        let at = usize::from(bid) * BUF_SIZE;
+        let e = opcode::ProvideBuffers::new(
+            self.bufs[at..].as_mut_ptr(),
+            BUF_SIZE as i32,
+            1,
+            BGID,
+            bid,
+        )
+        .build()
+        .user_data(UD_IGNORE);
+        self.push(&e);
+    }
+
+    /// Gives back what a finished operation held or received.
+    fn give_back_all(&mut self, holds: Option<u16>, flags: u32) {
+        if let Some(bid) = holds {
+            self.give_back(bid);
+        }
+        if let Some(bid) = io_uring::cqueue::buffer_select(flags) {
+            self.give_back(bid);
+        }
+    }
+
+    fn buf(&self, bid: u16, from: usize, to: usize) -> *const u8 {
+        self.bufs[usize::from(bid) * BUF_SIZE..][from..to].as_ptr()
+    }
 }
 
 thread_local! {
@@ -73,79 +128,187 @@ fn with_reactor<T>(f: impl FnOnce(&mut Reactor) -> T) -> T {
         let mut r = r.borrow_mut();
         // Only futures spawned by `run` on this thread call in here.
         f(r.as_mut()
-            .expect("readiness awaited outside an io_uring loop"))
+            .expect("io_uring operation awaited outside an io_uring loop"))
     })
+}
+
+/// One io_uring operation: submitted when first polled, resolved with the completion's result
+/// and flags. Dropped before it completes, it is cancelled.
+struct Submit {
+    entry: Option<squeue::Entry>,
+    holds: Option<u16>,
+    key: Option<usize>,
+}
+
+impl Submit {
+    fn new(entry: squeue::Entry, holds: Option<u16>) -> Submit {
+        Submit {
+            entry: Some(entry),
+            holds,
+            key: None,
+        }
+    }
+
+    /// Submitted and not yet resolved: the kernel may still use what the operation holds.
+    fn in_flight(&self) -> bool {
+        self.key.is_some()
+    }
+}
+
+impl Future for Submit {
+    type Output = (i32, u32);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<(i32, u32)> {
+        let this = &mut *self;
+        with_reactor(|r| match this.key {
+            None => {
+                let Some(entry) = this.entry.take() else {
+                    // Polled again after it resolved: a bug of the caller, not of the input.
+                    return Poll::Ready((-libc::EINVAL, 0));
+                };
+                let k = r.alloc(Op::Waiting {
+                    waker: Some(cx.waker().clone()),
+                    holds: this.holds,
+                });
+                r.push(&entry.user_data(k as u64));
+                this.key = Some(k);
+                Poll::Pending
+            }
+            Some(k) => match &mut r.ops[k] {
+                Op::Done { res, flags, .. } => {
+                    let out = (*res, *flags);
+                    r.release(k);
+                    this.key = None;
+                    Poll::Ready(out)
+                }
+                Op::Waiting { waker, .. } => {
+                    *waker = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+                Op::Free | Op::Abandoned { .. } => {
+                    this.key = None;
+                    Poll::Ready((-libc::ECANCELED, 0))
+                }
+            },
+        })
+    }
+}
+
+impl Drop for Submit {
+    fn drop(&mut self) {
+        let Some(k) = self.key.take() else { return };
+        with_reactor(|r| match r.ops[k] {
+            Op::Waiting { holds, .. } => {
+                // The kernel holds a reference to the socket (and maybe a buffer) while the
+                // operation runs: cancel it, or the socket would stay open after its last
+                // descriptor is closed.
+                r.ops[k] = Op::Abandoned { holds };
+                let e = opcode::AsyncCancel::new(k as u64)
+                    .build()
+                    .user_data(UD_IGNORE);
+                r.push(&e);
+            }
+            Op::Done { flags, holds, .. } => {
+                r.give_back_all(holds, flags);
+                r.release(k);
+            }
+            Op::Free | Op::Abandoned { .. } => {}
+        });
+    }
+}
+
+fn result(res: i32) -> io::Result<usize> {
+    if res < 0 {
+        Err(io::Error::from_raw_os_error(-res))
+    } else {
+        Ok(res as usize)
+    }
 }
 
 /// Resolves when `fd` is ready for `events` (POLLIN / POLLOUT; errors and hang-ups too) with
 /// the returned poll mask, or with an error if the wait itself failed.
-pub(crate) fn readiness(fd: RawFd, events: u32) -> Readiness {
-    Readiness {
-        fd,
-        events,
-        key: None,
+pub(crate) async fn readiness(fd: RawFd, events: u32) -> io::Result<u32> {
+    let e = opcode::PollAdd::new(types::Fd(fd), events).build();
+    let (res, _) = Submit::new(e, None).await;
+    result(res).map(|m| m as u32)
+}
+
+/// Bytes received into one of the loop's buffers. It goes back to the kernel's pool when
+/// dropped, or, if dropped while a send of it runs, when that send completes.
+pub(crate) struct Lent {
+    bid: u16,
+    len: usize,
+}
+
+impl Lent {
+    pub(crate) fn len(&self) -> usize {
+        self.len
     }
 }
 
-pub(crate) struct Readiness {
-    fd: RawFd,
-    events: u32,
-    key: Option<usize>,
-}
-
-impl Future for Readiness {
-    type Output = io::Result<u32>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<u32>> {
-        let (fd, events, key) = (self.fd, self.events, self.key);
-        let out = with_reactor(|r| match key {
-            None => {
-                let k = r.alloc(Op::Waiting(Some(cx.waker().clone())));
-                let e = opcode::PollAdd::new(types::Fd(fd), events)
-                    .build()
-                    .user_data(k as u64);
-                r.push(&e);
-                (Some(k), Poll::Pending)
-            }
-            Some(k) => match &mut r.ops[k] {
-                Op::Done(res) => {
-                    let res = *res;
-                    r.release(k);
-                    let out = if res < 0 {
-                        Err(io::Error::from_raw_os_error(-res))
-                    } else {
-                        Ok(res as u32)
-                    };
-                    (None, Poll::Ready(out))
-                }
-                Op::Waiting(w) => {
-                    *w = Some(cx.waker().clone());
-                    (Some(k), Poll::Pending)
-                }
-                Op::Free | Op::Abandoned => (None, Poll::Ready(Err(io::Error::other("lost wait")))),
-            },
-        });
-        self.key = out.0;
-        out.1
-    }
-}
-
-impl Drop for Readiness {
+impl Drop for Lent {
     fn drop(&mut self) {
-        let Some(k) = self.key.take() else { return };
-        with_reactor(|r| match r.ops[k] {
-            Op::Waiting(_) => {
-                // The kernel holds a reference to the socket while the poll is armed: cancel it,
-                // or the socket would stay open after its last descriptor is closed.
-                r.ops[k] = Op::Abandoned;
-                let e = opcode::AsyncCancel::new(k as u64)
-                    .build()
-                    .user_data(UD_CANCEL);
-                r.push(&e);
+        with_reactor(|r| r.give_back(self.bid));
+    }
+}
+
+/// Receives what `fd` has into one of the loop's buffers, waiting for it (on the ring) if
+/// need be. `Ok(None)` at EOF; `ENOBUFS` when every buffer is lent.
+pub(crate) async fn recv(fd: RawFd) -> io::Result<Option<Lent>> {
+    let e = opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), BUF_SIZE as u32)
+        .buf_group(BGID)
+        .build()
+        .flags(squeue::Flags::BUFFER_SELECT);
+    let (res, flags) = Submit::new(e, None).await;
+    let bid = io_uring::cqueue::buffer_select(flags);
+    let lent = bid.map(|bid| Lent { bid, len: 0 });
+    let n = result(res)?;
+    match lent {
+        Some(mut l) if n > 0 => {
+            l.len = n;
+            Ok(Some(l))
+        }
+        // EOF (a buffer taken for it goes back as `lent` drops).
+        _ if n == 0 => Ok(None),
+        _ => Err(io::Error::other(
+            "io_uring receive completed without a buffer",
+        )),
+    }
+}
+
+/// Sends `lent[from..]` to `fd`, waiting (on the ring) for room if need be; returns the
+/// buffer and how many bytes went.
+pub(crate) async fn send(fd: RawFd, lent: Lent, from: usize) -> io::Result<(Lent, usize)> {
+    let ptr = with_reactor(|r| r.buf(lent.bid, from, lent.len));
+    let e = opcode::Send::new(types::Fd(fd), ptr, (lent.len - from) as u32)
+        .flags(libc::MSG_NOSIGNAL)
+        .build();
+    let mut op = Sending {
+        op: Submit::new(e, Some(lent.bid)),
+        lent: Some(lent),
+    };
+    let (res, _) = (&mut op.op).await;
+    let lent = op
+        .lent
+        .take()
+        .expect("the buffer stays with its send until it completes");
+    Ok((lent, result(res)?))
+}
+
+/// A send and the buffer it reads: dropped while the kernel still reads the buffer, the
+/// buffer is left to the abandoned operation, which gives it back when it completes.
+struct Sending {
+    op: Submit,
+    lent: Option<Lent>,
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        if self.op.in_flight() {
+            if let Some(l) = self.lent.take() {
+                std::mem::forget(l);
             }
-            Op::Done(_) => r.release(k),
-            Op::Free | Op::Abandoned => {}
-        });
+        }
     }
 }
 
@@ -193,7 +356,11 @@ fn new_ring() -> io::Result<IoUring> {
 
 /// Runs one loop until the job channel closes (the process exits first, in practice).
 /// Reports the eventfd that wakes it, or why it could not start.
-pub(crate) fn run(jobs: mpsc::Receiver<Job>, started: mpsc::SyncSender<io::Result<OwnedFd>>) {
+pub(crate) fn run(
+    jobs: mpsc::Receiver<Job>,
+    buffers: u16,
+    started: mpsc::SyncSender<io::Result<OwnedFd>>,
+) {
     let setup = (|| {
         let ring = new_ring()?;
         // SAFETY: plain eventfd creation.
@@ -218,6 +385,7 @@ pub(crate) fn run(jobs: mpsc::Receiver<Job>, started: mpsc::SyncSender<io::Resul
             ring,
             ops: Vec::new(),
             free: Vec::new(),
+            bufs: vec![0u8; usize::from(buffers) * BUF_SIZE].leak(),
         })
     });
     if started.send(Ok(wake_fd)).is_err() {
@@ -234,8 +402,16 @@ pub(crate) fn run(jobs: mpsc::Receiver<Job>, started: mpsc::SyncSender<io::Resul
         with_reactor(|r| r.push(&e));
     };
     arm_wake(&mut wake_buf);
+    // Every buffer into the kernel's pool in one request. Should the kernel refuse, receives
+    // fail with ENOBUFS and the relays splice instead.
+    with_reactor(|r| {
+        let e = opcode::ProvideBuffers::new(r.bufs.as_mut_ptr(), BUF_SIZE as i32, buffers, BGID, 0)
+            .build()
+            .user_data(UD_IGNORE);
+        r.push(&e);
+    });
     let mut batch: Vec<usize> = Vec::new();
-    let mut completions: Vec<(u64, i32)> = Vec::new();
+    let mut completions: Vec<(u64, i32, u32)> = Vec::new();
     loop {
         // New jobs become tasks.
         loop {
@@ -287,21 +463,29 @@ pub(crate) fn run(jobs: mpsc::Receiver<Job>, started: mpsc::SyncSender<io::Resul
             }
         }
         with_reactor(|r| {
-            completions.extend(r.ring.completion().map(|c| (c.user_data(), c.result())));
+            completions.extend(
+                r.ring
+                    .completion()
+                    .map(|c| (c.user_data(), c.result(), c.flags())),
+            );
         });
-        for (ud, res) in completions.drain(..) {
+        for (ud, res, flags) in completions.drain(..) {
             match ud {
                 UD_WAKE => arm_wake(&mut wake_buf),
-                UD_CANCEL => {}
+                UD_IGNORE => {}
                 k => with_reactor(|r| {
                     let k = k as usize;
-                    match std::mem::replace(&mut r.ops[k], Op::Done(res)) {
-                        Op::Waiting(w) => {
-                            if let Some(w) = w {
+                    match std::mem::replace(&mut r.ops[k], Op::Free) {
+                        Op::Waiting { waker, holds } => {
+                            r.ops[k] = Op::Done { res, flags, holds };
+                            if let Some(w) = waker {
                                 w.wake();
                             }
                         }
-                        Op::Abandoned => r.release(k),
+                        Op::Abandoned { holds } => {
+                            r.give_back_all(holds, flags);
+                            r.release(k);
+                        }
                         other => r.ops[k] = other,
                     }
                 }),

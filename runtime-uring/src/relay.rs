@@ -1,7 +1,7 @@
-//! The relay a loop runs for one job: both directions at once, socket → pipe → socket with
-//! splice(2), waiting on io_uring when a socket is not ready. Same rules as the tokio splice
-//! path: half-close passed on, an error ends both directions, empty pipes go back to the
-//! shared stock.
+//! The relay a loop runs for one job: both directions at once, messages through the loop's
+//! shared buffers and bulk streams socket → pipe → socket with splice(2), all waiting on
+//! io_uring. Same rules as the tokio splice path: half-close passed on, an error ends both
+//! directions, empty pipes go back to the shared stock.
 
 use std::future::Future;
 use std::io;
@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 use dialback_tokio::relay::reset_on_close;
 use dialback_tokio::splice::{recycle, shutdown_write_fd, splice, Pipe, CHUNK};
 
-use crate::executor::readiness;
+use crate::executor::{readiness, recv, send, Lent, BUF_SIZE};
 use crate::{Job, Start};
 
 const POLLIN: u32 = libc::POLLIN as u32;
@@ -51,20 +51,8 @@ async fn relay(
     // A pipe from the first pass may still hold bytes: one_way delivers them first.
     let (mut pab, mut pba) = (ab.pipe, ba.pipe);
     let r = TryJoin {
-        a: Some(Box::pin(one_way(
-            a,
-            b,
-            &mut pab,
-            ab.source_empty,
-            &progress.ab,
-        ))),
-        b: Some(Box::pin(one_way(
-            b,
-            a,
-            &mut pba,
-            ba.source_empty,
-            &progress.ba,
-        ))),
+        a: Some(Box::pin(one_way(a, b, &mut pab, &progress.ab))),
+        b: Some(Box::pin(one_way(b, a, &mut pba, &progress.ba))),
         ra: None,
         rb: None,
     }
@@ -76,23 +64,47 @@ async fn relay(
     r
 }
 
-/// Like the tokio path: the pipe is held only while bytes move, so an idle relay holds none.
+/// One direction. Messages (what one receive gets, up to a loop buffer) go through the loop's
+/// shared buffers with IORING_OP_RECV / IORING_OP_SEND, which the ring batches: no system call
+/// per message. A receive that fills a whole buffer means a bulk stream, which then moves
+/// socket → pipe → socket with splice(2) for as long as it flows; when the source runs dry the
+/// direction goes back to receiving messages. Like the tokio path, a pipe is held only while
+/// bytes move and a buffer only between its receive and its send, so an idle relay holds
+/// neither.
 async fn one_way(
     from: RawFd,
     to: RawFd,
     slot: &mut Option<Pipe>,
-    source_empty: bool,
     moved: &AtomicU64,
 ) -> io::Result<u64> {
     let mut total = 0u64;
     let mut eof = false;
-    if source_empty && slot.is_none() {
-        readiness(from, POLLIN).await?;
-    }
+    // Every loop buffer was lent when this direction asked for one: it splices instead, after
+    // waiting for the source.
+    let mut no_buffers = false;
     // Used only while no pipe can be had (out of descriptors): the direction then copies
     // through this buffer instead of failing the connection.
     let mut fallback: Option<Vec<u8>> = None;
     loop {
+        if slot.is_none() && !no_buffers {
+            match recv(from).await {
+                Ok(Some(lent)) => {
+                    let n = lent.len();
+                    send_all(to, lent).await?;
+                    total += n as u64;
+                    moved.fetch_add(n as u64, Ordering::Relaxed);
+                    if n < BUF_SIZE {
+                        continue;
+                    }
+                }
+                Ok(None) => {
+                    shutdown_write_fd(to);
+                    return Ok(total);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => no_buffers = true,
+                Err(e) => return Err(e),
+            }
+        }
         let pipe = match slot {
             Some(p) => p,
             None => match Pipe::take() {
@@ -148,18 +160,34 @@ async fn one_way(
         if progress && !(drained && pipe.pending == 0) {
             continue;
         }
-        // Poll readiness is level-triggered (it is checked when the poll is armed): no
-        // wake-up can be lost between the splice that found nothing, or found the socket
-        // drained, and this wait.
         if pipe.pending > 0 {
+            // Poll readiness is level-triggered (checked when the poll is armed): no wake-up
+            // is lost between the splice that found the send buffer full and this wait.
             readiness(to, POLLOUT).await?;
         } else {
             if let Some(p) = slot.take() {
                 recycle(p);
             }
-            readiness(from, POLLIN).await?;
+            if no_buffers {
+                readiness(from, POLLIN).await?;
+                no_buffers = false;
+            }
         }
     }
+}
+
+/// Sends the whole of a received message.
+async fn send_all(to: RawFd, mut lent: Lent) -> io::Result<()> {
+    let mut done = 0;
+    while done < lent.len() {
+        let (l, n) = send(to, lent, done).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        lent = l;
+        done += n;
+    }
+    Ok(())
 }
 
 fn sys(n: isize) -> io::Result<usize> {

@@ -329,3 +329,62 @@ async fn small_messages_back_and_forth_never_stall() {
         assert_eq!((ab, ba), (before.len() as u64 + pings + 4, banner + pongs));
     }
 }
+
+/// Receive buffers are shared by a loop's relays and lent only between a receive and its
+/// send. With far fewer buffers than relays exchanging messages at once (and with none), every
+/// relay must still deliver exactly its own bytes, in order: a relay that finds them all lent
+/// splices instead, and a buffer is never handed out while a send still reads it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_keep_their_own_bytes_when_receive_buffers_run_out() {
+    let wait = Duration::from_secs(20);
+    for buffers in [2u16, 0] {
+        let plane = std::sync::Arc::new(UringDataPlane::start_with_buffers(1, buffers).unwrap());
+        let mut tasks = Vec::new();
+        for i in 0..48u32 {
+            let plane = plane.clone();
+            tasks.push(tokio::spawn(async move {
+                let (mut client, a) = pair().await;
+                let (b, mut server) = pair().await;
+                for s in [&client, &server] {
+                    s.set_nodelay(true).unwrap();
+                }
+                let relay =
+                    tokio::spawn(async move { plane.relay_owned(a, b, &|_| {}, &|_| {}).await });
+                let (mut up, mut down) = (0u64, 0u64);
+                for round in 0..20u32 {
+                    let size = 100 + ((i * 997 + round * 131) % 20_000) as usize;
+                    let msg = data(size, i << 8 | round);
+                    client.write_all(&msg).await.unwrap();
+                    let mut got = vec![0u8; size];
+                    server.read_exact(&mut got).await.unwrap();
+                    assert!(got == msg, "relay {i} round {round}: forward bytes mixed");
+                    let reply = data(size / 2 + 1, !(i << 8 | round));
+                    server.write_all(&reply).await.unwrap();
+                    let mut got = vec![0u8; reply.len()];
+                    client.read_exact(&mut got).await.unwrap();
+                    assert!(
+                        got == reply,
+                        "relay {i} round {round}: backward bytes mixed"
+                    );
+                    up += size as u64;
+                    down += reply.len() as u64;
+                }
+                client.shutdown().await.unwrap();
+                let mut rest = Vec::new();
+                server.read_to_end(&mut rest).await.unwrap();
+                assert!(rest.is_empty());
+                server.shutdown().await.unwrap();
+                client.read_to_end(&mut rest).await.unwrap();
+                assert!(rest.is_empty());
+                let moved = relay.await.unwrap().unwrap();
+                assert_eq!(moved, (up, down), "relay {i}: byte counts");
+            }));
+        }
+        for t in tasks {
+            tokio::time::timeout(wait, t)
+                .await
+                .unwrap_or_else(|_| panic!("a relay stalled with {buffers} buffers"))
+                .unwrap();
+        }
+    }
+}

@@ -37,9 +37,12 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+/// A connected pair with TCP_NODELAY on both ends, as every socket the runtimes relay has.
 pub async fn pair() -> (TcpStream, TcpStream) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
     let (s, _) = l.accept().await.unwrap();
+    c.set_nodelay(true).unwrap();
+    s.set_nodelay(true).unwrap();
     (c, s)
 }
