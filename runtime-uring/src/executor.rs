@@ -8,6 +8,7 @@ use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 
@@ -18,12 +19,13 @@ use crate::Job;
 
 /// user_data of the eventfd read that announces jobs.
 const UD_WAKE: u64 = u64::MAX;
-/// user_data of cancellations and buffer returns; their own completions need no handling.
+/// user_data of cancellations; their own completions need no handling.
 const UD_IGNORE: u64 = u64::MAX - 1;
 
-/// The loop's receive buffers, shared by all its relays (IORING_OP_PROVIDE_BUFFERS): the kernel
-/// takes one only when bytes arrive, so an idle relay holds none, and the loop's memory does
-/// not grow with the number of connections.
+/// The loop's receive buffers, shared by all its relays through a buffer ring
+/// (IORING_REGISTER_PBUF_RING): the kernel takes one only when bytes arrive, so an idle relay
+/// holds none and the loop's memory does not grow with the number of connections; giving one
+/// back is a write to the shared ring, not a request.
 pub(crate) const BUF_SIZE: usize = 8 * 1024;
 /// Receive buffers per loop by default: 512 KiB, touched only as they are used.
 pub(crate) const BUF_COUNT: u16 = 64;
@@ -57,6 +59,66 @@ struct Reactor {
     /// The loop's receive buffers of BUF_SIZE each, leaked: the kernel may write into them until the ring
     /// is gone, and a loop lives as long as its process.
     bufs: &'static mut [u8],
+    /// None when the kernel refused the buffer ring (or there are no buffers): every
+    /// receive then fails with ENOBUFS and the relays splice.
+    pool: Option<BufRing>,
+}
+
+/// The ring the kernel picks receive buffers from.
+struct BufRing {
+    /// Page-aligned, leaked like the buffers.
+    entries: *mut types::BufRingEntry,
+    mask: u16,
+    /// Entries published so far (wrapping); the kernel consumes from its own head.
+    tail: u16,
+}
+
+impl BufRing {
+    /// Registers a ring for `count` buffers, or says why not.
+    fn register(ring: &IoUring, count: u16) -> io::Result<BufRing> {
+        let size = count
+            .max(1)
+            .checked_next_power_of_two()
+            .filter(|n| *n <= 32768);
+        let size = size.ok_or_else(|| io::Error::other("too many receive buffers"))?;
+        let layout = std::alloc::Layout::from_size_align(usize::from(size) * 16, 4096)
+            .map_err(io::Error::other)?;
+        // SAFETY: a non-zero size; the memory is checked for null, then leaked on success.
+        let mem = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<types::BufRingEntry>();
+        if mem.is_null() {
+            return Err(io::ErrorKind::OutOfMemory.into());
+        }
+        // SAFETY: `mem` holds `size` entries and stays valid for the ring's life (leaked).
+        let r = unsafe {
+            ring.submitter()
+                .register_buf_ring_with_flags(mem as u64, size, BGID, 0)
+        };
+        if let Err(e) = r {
+            // SAFETY: allocated above with this layout, not registered.
+            unsafe { std::alloc::dealloc(mem.cast(), layout) };
+            return Err(e);
+        }
+        Ok(BufRing {
+            entries: mem,
+            mask: size - 1,
+            tail: 0,
+        })
+    }
+
+    /// Publishes buffer `bid` at `addr` for the kernel to fill.
+    fn publish(&mut self, addr: *const u8, bid: u16) {
+        // SAFETY: the index is masked into the ring; the kernel reads entries only up to the
+        // tail, which is released below, after the entry is written.
+        unsafe {
+            let e = &mut *self.entries.add(usize::from(self.tail & self.mask));
+            e.set_addr(addr as u64);
+            e.set_len(BUF_SIZE as u32);
+            e.set_bid(bid);
+            self.tail = self.tail.wrapping_add(1);
+            let tail = types::BufRingEntry::tail(self.entries).cast::<AtomicU16>();
+            (*tail).store(self.tail, Ordering::Release);
+        }
+    }
 }
 
 impl Reactor {
@@ -91,17 +153,10 @@ impl Reactor {
 
     /// Gives loop buffer `bid` back to the kernel's pool.
     fn give_back(&mut self, bid: u16) {
-        let at = usize::from(bid) * BUF_SIZE;
-        let e = opcode::ProvideBuffers::new(
-            self.bufs[at..].as_mut_ptr(),
-            BUF_SIZE as i32,
-            1,
-            BGID,
-            bid,
-        )
-        .build()
-        .user_data(UD_IGNORE);
-        self.push(&e);
+        let addr = self.bufs[usize::from(bid) * BUF_SIZE..].as_ptr();
+        if let Some(pool) = &mut self.pool {
+            pool.publish(addr, bid);
+        }
     }
 
     /// Gives back what a finished operation held or received.
@@ -380,12 +435,24 @@ pub(crate) fn run(
             return;
         }
     };
+    // Should the kernel refuse the buffer ring, every message is spliced instead.
+    let pool = match buffers {
+        0 => None,
+        n => match BufRing::register(&ring, n) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                warn!("io_uring buffer ring refused ({e}): relays splice every message");
+                None
+            }
+        },
+    };
     REACTOR.with(|r| {
         *r.borrow_mut() = Some(Reactor {
             ring,
             ops: Vec::new(),
             free: Vec::new(),
             bufs: vec![0u8; usize::from(buffers) * BUF_SIZE].leak(),
+            pool,
         })
     });
     if started.send(Ok(wake_fd)).is_err() {
@@ -402,13 +469,10 @@ pub(crate) fn run(
         with_reactor(|r| r.push(&e));
     };
     arm_wake(&mut wake_buf);
-    // Every buffer into the kernel's pool in one request. Should the kernel refuse, receives
-    // fail with ENOBUFS and the relays splice instead.
     with_reactor(|r| {
-        let e = opcode::ProvideBuffers::new(r.bufs.as_mut_ptr(), BUF_SIZE as i32, buffers, BGID, 0)
-            .build()
-            .user_data(UD_IGNORE);
-        r.push(&e);
+        for bid in 0..buffers {
+            r.give_back(bid);
+        }
     });
     let mut batch: Vec<usize> = Vec::new();
     let mut completions: Vec<(u64, i32, u32)> = Vec::new();
