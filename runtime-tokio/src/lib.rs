@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod agent;
+mod deadline;
 pub mod drain;
 pub mod gateway;
 pub mod http;

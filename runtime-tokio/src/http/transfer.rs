@@ -13,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 use tracing::debug;
 
+use crate::deadline::Deadline;
 use crate::metrics::ConnectionGuard;
 
 /// Room made for each read while a head is expected: heads are small, and many idle
@@ -73,7 +74,7 @@ pub(super) async fn send_body<R, W>(
     wr: &mut W,
     body: &mut BodyState,
     traffic: Option<&ConnectionGuard>,
-    idle: Duration,
+    (deadline, idle): (&mut Deadline, Duration),
 ) -> Result<(), String>
 where
     R: AsyncRead + Unpin,
@@ -96,7 +97,8 @@ where
                 .await
                 .map_err(|e| format!("cannot send the request body: {e}"));
         }
-        match tokio::time::timeout(idle, read_more(rd, buf, BODY_CHUNK)).await {
+        let at = tokio::time::Instant::now() + idle;
+        match deadline.run(at, read_more(rd, buf, BODY_CHUNK)).await {
             Ok(Ok(0)) => return Err("the client closed in the middle of the request body".into()),
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(format!("reading the request body failed: {e}")),
@@ -116,7 +118,7 @@ pub(super) async fn pass_response<R, W>(
     route: &Route,
     https: bool,
     traffic: Option<&ConnectionGuard>,
-    response_timeout: Duration,
+    (timer, response_timeout): (&mut Deadline, Duration),
     started: &AtomicBool,
     uploaded: &Notify,
     body_pending: bool,
@@ -140,7 +142,7 @@ where
                 Err(why) => return Err(failed(502, format!("service {service}: {why}"), sent)),
             }
             let read = match deadline {
-                Some(d) => tokio::time::timeout_at(d.into(), read_more(rd, buf, HEAD_CHUNK)).await,
+                Some(d) => timer.run(d.into(), read_more(rd, buf, HEAD_CHUNK)).await,
                 None => tokio::select! {
                     r = read_more(rd, buf, HEAD_CHUNK) => Ok(r),
                     _ = uploaded.notified() => {
