@@ -1623,21 +1623,18 @@ async fn open_data_for(
                         };
                         return Ok((data, ahead));
                     }
-                    Err(BindError::ClientBytesLost(reason)) => {
+                    Err(e) => {
+                        let (BindError::ClientBytesLost(reason) | BindError::Unusable(reason)) = &e;
                         let mut inner = shared.lock();
                         inner
                             .core
-                            .handle_pooled_gone(Instant::now(), pooled, &reason);
+                            .handle_pooled_gone(Instant::now(), pooled, reason);
                         shared.drive(&mut inner);
-                        debug!(%peer, %service, pooled, "pooled data connection lost with the client's first bytes ({reason}); closing the client");
-                        return Err(OpenError::Failed(None));
-                    }
-                    Err(BindError::Unusable(reason)) => {
-                        let mut inner = shared.lock();
-                        inner
-                            .core
-                            .handle_pooled_gone(Instant::now(), pooled, &reason);
-                        shared.drive(&mut inner);
+                        drop(inner);
+                        if matches!(e, BindError::ClientBytesLost(_)) {
+                            debug!(%peer, %service, pooled, "pooled data connection lost with the client's first bytes ({reason}); closing the client");
+                            return Err(OpenError::Failed(None));
+                        }
                         debug!(%peer, %service, pooled, "pooled data connection unusable ({reason}); trying again");
                     }
                 }

@@ -311,6 +311,10 @@ pub async fn relay(
 }
 
 #[cfg(test)]
+#[path = "../tests/support/ping_pong.rs"]
+mod ping_pong;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -362,42 +366,13 @@ mod tests {
             tokio::spawn(
                 async move { relay(&a, &b, Pipes::new().unwrap(), &|_| {}, &|_| {}).await },
             );
-        let wait = std::time::Duration::from_secs(10);
-        for i in 0..200u32 {
-            let ping = format!("ping {i}");
-            client.write_all(ping.as_bytes()).await.unwrap();
-            let mut got = vec![0u8; ping.len()];
-            tokio::time::timeout(wait, server.read_exact(&mut got))
-                .await
-                .expect("forward message stalled")
-                .unwrap();
-            assert_eq!(got, ping.as_bytes());
-            let pong = format!("pong {i}!");
-            server.write_all(pong.as_bytes()).await.unwrap();
-            let mut got = vec![0u8; pong.len()];
-            tokio::time::timeout(wait, client.read_exact(&mut got))
-                .await
-                .expect("backward message stalled")
-                .unwrap();
-            assert_eq!(got, pong.as_bytes());
-        }
-        client.write_all(b"last").await.unwrap();
-        client.shutdown().await.unwrap();
-        let mut rest = Vec::new();
-        tokio::time::timeout(wait, server.read_to_end(&mut rest))
-            .await
-            .expect("EOF after a short message stalled")
-            .unwrap();
-        assert_eq!(rest, b"last");
-        server.shutdown().await.unwrap();
-        let (ab, ba) = tokio::time::timeout(wait, relay)
+        let moved = super::ping_pong::ping_pong(&mut client, &mut server, 200).await;
+        let result = tokio::time::timeout(super::ping_pong::WAIT, relay)
             .await
             .expect("relay did not end")
             .unwrap()
             .unwrap();
-        let pings: u64 = (0..200u32).map(|i| format!("ping {i}").len() as u64).sum();
-        let pongs: u64 = (0..200u32).map(|i| format!("pong {i}!").len() as u64).sum();
-        assert_eq!((ab, ba), (pings + 4, pongs));
+        assert_eq!(result, moved);
     }
 
     #[tokio::test]

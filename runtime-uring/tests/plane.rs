@@ -4,6 +4,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+#[path = "../../runtime-tokio/tests/support/ping_pong.rs"]
+mod ping_pong;
+
 use dialback_tokio::relay::DataPlane;
 use dialback_uring::UringDataPlane;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -286,47 +289,13 @@ async fn small_messages_back_and_forth_never_stall() {
             assert_eq!(&got, b"banner");
             banner = 6;
         }
-        for i in 0..200u32 {
-            let ping = format!("ping {i}");
-            client.write_all(ping.as_bytes()).await.unwrap();
-            let mut got = vec![0u8; ping.len()];
-            tokio::time::timeout(wait, server.read_exact(&mut got))
-                .await
-                .expect("forward message stalled")
-                .unwrap();
-            assert_eq!(got, ping.as_bytes());
-            let pong = format!("pong {i}!");
-            server.write_all(pong.as_bytes()).await.unwrap();
-            let mut got = vec![0u8; pong.len()];
-            tokio::time::timeout(wait, client.read_exact(&mut got))
-                .await
-                .expect("backward message stalled")
-                .unwrap();
-            assert_eq!(got, pong.as_bytes());
-        }
-        client.write_all(b"last").await.unwrap();
-        client.shutdown().await.unwrap();
-        let mut rest = Vec::new();
-        tokio::time::timeout(wait, server.read_to_end(&mut rest))
-            .await
-            .expect("EOF after a short message stalled")
-            .unwrap();
-        assert_eq!(rest, b"last");
-        server.shutdown().await.unwrap();
-        let mut rest = Vec::new();
-        tokio::time::timeout(wait, client.read_to_end(&mut rest))
-            .await
-            .expect("EOF back to the client stalled")
-            .unwrap();
-        assert!(rest.is_empty());
-        let (ab, ba) = tokio::time::timeout(wait, relay)
+        let (up, down) = ping_pong::ping_pong(&mut client, &mut server, 200).await;
+        let moved = tokio::time::timeout(wait, relay)
             .await
             .expect("relay did not end")
             .unwrap()
             .unwrap();
-        let pings: u64 = (0..200u32).map(|i| format!("ping {i}").len() as u64).sum();
-        let pongs: u64 = (0..200u32).map(|i| format!("pong {i}!").len() as u64).sum();
-        assert_eq!((ab, ba), (before.len() as u64 + pings + 4, banner + pongs));
+        assert_eq!(moved, (before.len() as u64 + up, banner + down));
     }
 }
 
