@@ -24,16 +24,23 @@ fn token(c: &mut Criterion) {
         });
         assert_eq!(g.pending_clients(), pending - 1, "steady state");
     }
-    // The same client served from a pool of 4: bind, refill PREPARE, park the new connection.
+    // The same client served from a pool of 4: bind; every second client, two refill
+    // PREPAREs and two new connections parked.
     let (mut g, mut agent) = registered_pooled_pair(4);
     let mut next = 0u64;
+    let mut parked = 0usize;
     group.bench_function("pooled_cycle", |b| {
         b.iter(|| {
             next += 1;
-            assert!(pooled_cycle(&mut g, &mut agent, black_box(ClientId(next))));
+            parked += pooled_cycle(&mut g, &mut agent, black_box(ClientId(next)))
+                .expect("served from the pool");
         })
     });
-    assert_eq!(g.pooled(dialback_bench::SERVICE), 4, "steady state");
+    assert_eq!(parked as u64, next - next % 2, "two parked per two clients");
+    assert!(
+        (3..=4).contains(&g.pooled(dialback_bench::SERVICE)),
+        "steady state"
+    );
     group.finish();
 }
 

