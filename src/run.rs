@@ -37,7 +37,8 @@ pub fn install_uring() -> anyhow::Result<()> {
     )?;
     tracing::info!(
         loops,
-        mechanism = "io_uring poll + splice(2)",
+        mechanism = "io_uring: shared buffers for messages, poll + splice(2) for bulk",
+        hand_over_after_turns = dialback_uring::HAND_OVER_AFTER,
         "io_uring data plane started"
     );
     Ok(())

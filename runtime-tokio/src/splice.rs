@@ -6,9 +6,13 @@
 //! relay: creating, sizing and closing two pipes per connection would otherwise be a fifth of
 //! the system calls a short connection costs.
 
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
+use std::task::Poll;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -141,11 +145,15 @@ pub fn shutdown_write_fd(fd: RawFd) {
 /// The pipe is held only while bytes move: a direction that waits for its source with an
 /// empty pipe gives the pipe back to the stock, so an idle connection holds no pipe (10,000
 /// idle connections would otherwise keep 40,000 pipe descriptors open).
+///
+/// `turns` (when given) learns when this direction waits for its source with nothing
+/// pending, see [`relay_until_idle`].
 async fn one_way(
     from: &TcpStream,
     to: &TcpStream,
     slot: &mut Option<Pipe>,
     tally: Tally<'_>,
+    turns: Option<(&Turns, &AtomicBool)>,
 ) -> io::Result<u64> {
     let mut total = 0u64;
     let mut eof = false;
@@ -243,9 +251,94 @@ async fn one_way(
             if let Some(p) = slot.take() {
                 recycle(p);
             }
-            from.readable().await?;
+            match turns {
+                Some((turns, waiting)) => {
+                    turns.waits.fetch_add(1, Ordering::Relaxed);
+                    waiting.store(true, Ordering::Relaxed);
+                    let r = from.readable().await;
+                    waiting.store(false, Ordering::Relaxed);
+                    r?;
+                }
+                None => from.readable().await?,
+            }
         }
     }
+}
+
+/// Shared by the two directions of a relay run by [`relay_until_idle`].
+#[derive(Default)]
+struct Turns {
+    /// Times either direction waited for its source with nothing pending: one per message
+    /// (a request, a reply) in a conversation.
+    waits: AtomicU32,
+    /// Each direction is waiting so, right now.
+    waiting_ab: AtomicBool,
+    waiting_ba: AtomicBool,
+}
+
+/// How [`relay_until_idle`] ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// Both directions finished; bytes (a→b, b→a).
+    Done(u64, u64),
+    /// After at least the given number of waits, both directions were waiting for their
+    /// sources with no pipe held, no byte pending and no EOF seen: the relay stopped there and
+    /// the sockets may be relayed by someone else from scratch. Bytes moved so far (a→b, b→a).
+    Idle(u64, u64),
+}
+
+/// [`relay`], stopping at the first moment both directions are idle once the conversation has
+/// had `waits` turns (see [`Ended::Idle`]). A short connection ends here; a long one is
+/// handed on at a quiet moment.
+pub async fn relay_until_idle(
+    a: &TcpStream,
+    b: &TcpStream,
+    tally_ab: Tally<'_>,
+    tally_ba: Tally<'_>,
+    waits: u32,
+) -> io::Result<Ended> {
+    let (mut ab, mut ba) = (None, None);
+    let turns = Turns::default();
+    let moved_ab = std::sync::atomic::AtomicU64::new(0);
+    let moved_ba = std::sync::atomic::AtomicU64::new(0);
+    let count_ab = |n: u64| {
+        moved_ab.fetch_add(n, Ordering::Relaxed);
+        tally_ab(n);
+    };
+    let count_ba = |n: u64| {
+        moved_ba.fetch_add(n, Ordering::Relaxed);
+        tally_ba(n);
+    };
+    let r = {
+        let mut both = pin!(async {
+            tokio::try_join!(
+                one_way(a, b, &mut ab, &count_ab, Some((&turns, &turns.waiting_ab))),
+                one_way(b, a, &mut ba, &count_ba, Some((&turns, &turns.waiting_ba)))
+            )
+        });
+        std::future::poll_fn(|cx| match both.as_mut().poll(cx) {
+            Poll::Ready(r) => Poll::Ready(r.map(|(x, y)| Ended::Done(x, y))),
+            Poll::Pending
+                if turns.waits.load(Ordering::Relaxed) >= waits
+                    && turns.waiting_ab.load(Ordering::Relaxed)
+                    && turns.waiting_ba.load(Ordering::Relaxed) =>
+            {
+                // Both wait in `readable()` with their pipes given back: dropping them here
+                // loses nothing.
+                Poll::Ready(Ok(Ended::Idle(
+                    moved_ab.load(Ordering::Relaxed),
+                    moved_ba.load(Ordering::Relaxed),
+                )))
+            }
+            Poll::Pending => Poll::Pending,
+        })
+        .await
+    };
+    // After an error a pipe may hold bytes of this connection: `recycle` closes those.
+    for p in [ab, ba].into_iter().flatten() {
+        recycle(p);
+    }
+    r
 }
 
 /// Size of the buffer a direction copies through when it cannot get a pipe.
@@ -300,8 +393,8 @@ pub async fn relay(
     // An error in either direction (a reset, say) ends the relay at once; the caller then
     // closes both sockets, so the other direction cannot wait forever.
     let r = tokio::try_join!(
-        one_way(a, b, &mut ab, tally_ab),
-        one_way(b, a, &mut ba, tally_ba)
+        one_way(a, b, &mut ab, tally_ab, None),
+        one_way(b, a, &mut ba, tally_ba, None)
     );
     // After an error a pipe may hold bytes of this connection: `recycle` closes those.
     for p in [ab, ba].into_iter().flatten() {
@@ -373,6 +466,132 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(result, moved);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_relay_stopped_when_idle_can_be_continued_without_losing_a_byte() {
+        // The conversation goes on across the stop: the second relay picks up exactly where
+        // the first left the sockets.
+        let (mut client, a) = pair().await;
+        let (b, mut server) = pair().await;
+        let relay = tokio::spawn(async move {
+            let first = relay_until_idle(&a, &b, &|_| {}, &|_| {}, 6).await.unwrap();
+            let rest = relay(&a, &b, Pipes::new().unwrap(), &|_| {}, &|_| {})
+                .await
+                .unwrap();
+            (first, rest)
+        });
+        let moved = super::ping_pong::ping_pong(&mut client, &mut server, 100).await;
+        let (first, rest) = tokio::time::timeout(super::ping_pong::WAIT, relay)
+            .await
+            .expect("relay did not end")
+            .unwrap();
+        let Ended::Idle(ab, ba) = first else {
+            panic!("the first relay did not stop when idle: {first:?}");
+        };
+        assert!(ab > 0 && ba > 0, "stopped before the conversation went on");
+        assert_eq!((ab + rest.0, ba + rest.1), moved);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_relay_never_stops_while_one_direction_holds_bytes() {
+        // The forward direction is stuck behind a server that does not read yet (bytes wait
+        // in its pipe) while messages flow back and count turns: stopping then would lose the
+        // pipe's bytes. The stream must arrive whole.
+        let (client, a) = pair().await;
+        let (b, mut server) = pair().await;
+        // Small buffers between the relay and the server: the relay blocks on it at once.
+        for (s, opt) in [(&b, libc::SO_SNDBUF), (&server, libc::SO_RCVBUF)] {
+            let size: libc::c_int = 128 * 1024;
+            // SAFETY: setsockopt with a valid int on a socket this test holds open.
+            let rc = unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0);
+        }
+        let (mut client_rd, mut client_wr) = client.into_split();
+        const TOTAL: usize = 24 << 20;
+        let stream = |i: usize| (i.wrapping_mul(31) ^ (i >> 13)) as u8;
+        let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let w = written.clone();
+        let writer = tokio::spawn(async move {
+            let chunk: Vec<u8> = (0..TOTAL).map(stream).collect();
+            for part in chunk.chunks(64 * 1024) {
+                client_wr.write_all(part).await.unwrap();
+                w.fetch_add(part.len(), std::sync::atomic::Ordering::Relaxed);
+            }
+            client_wr.shutdown().await.unwrap();
+        });
+        let wait = super::ping_pong::WAIT;
+        tokio::time::timeout(wait, async {
+            while written.load(std::sync::atomic::Ordering::Relaxed) < (1 << 20) {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the writer never got going");
+        // The relay starts with its source full, so the forward direction fills the pipe
+        // and blocks on the server before it ever waits for its source.
+        let relay = tokio::spawn(async move {
+            let first = relay_until_idle(&a, &b, &|_| {}, &|_| {}, 16)
+                .await
+                .unwrap();
+            let rest = relay(&a, &b, Pipes::new().unwrap(), &|_| {}, &|_| {})
+                .await
+                .unwrap();
+            (first, rest)
+        });
+        for i in 0..40u8 {
+            server.write_all(&[i; 10]).await.unwrap();
+            let mut got = [0u8; 10];
+            tokio::time::timeout(wait, client_rd.read_exact(&mut got))
+                .await
+                .expect("a message back stalled")
+                .unwrap();
+            assert_eq!(got, [i; 10]);
+        }
+        let mut got = Vec::with_capacity(TOTAL);
+        tokio::time::timeout(wait * 3, server.read_to_end(&mut got))
+            .await
+            .expect("the stream stalled")
+            .unwrap();
+        assert_eq!(got.len(), TOTAL, "bytes lost");
+        assert!(
+            got.iter().enumerate().all(|(i, &b)| b == stream(i)),
+            "bytes out of order"
+        );
+        writer.await.unwrap();
+        server.shutdown().await.unwrap();
+        let (first, rest) = tokio::time::timeout(wait, relay)
+            .await
+            .expect("relay did not end")
+            .unwrap();
+        let (ab, ba) = match first {
+            Ended::Idle(ab, ba) => (ab + rest.0, ba + rest.1),
+            Ended::Done(ab, ba) => (ab, ba),
+        };
+        assert_eq!((ab, ba), (TOTAL as u64, 400));
+    }
+
+    #[tokio::test]
+    async fn a_relay_that_ends_before_it_is_idle_long_enough_is_done() {
+        let (mut client, a) = pair().await;
+        let (b, mut server) = pair().await;
+        let relay =
+            tokio::spawn(async move { relay_until_idle(&a, &b, &|_| {}, &|_| {}, 8).await });
+        let (up, down) = super::ping_pong::ping_pong(&mut client, &mut server, 1).await;
+        let ended = tokio::time::timeout(super::ping_pong::WAIT, relay)
+            .await
+            .expect("relay did not end")
+            .unwrap()
+            .unwrap();
+        assert_eq!(ended, Ended::Done(up, down));
     }
 
     #[tokio::test]

@@ -1,10 +1,11 @@
-//! The io_uring runtime's data plane: every plain relay of the process (public client ↔ data
-//! connection at the gateway, data connection ↔ local service at the agent) runs on one of a
-//! few thread-per-core loops whose only reactor is an io_uring.
+//! The io_uring runtime's data plane: plain relays of the process (public client ↔ data
+//! connection at the gateway, data connection ↔ local service at the agent) that go on for
+//! more than a few requests run on one of a few thread-per-core loops whose only reactor is an
+//! io_uring.
 //!
 //! How bytes move (measured on the target kernel, `bench/URING.md`):
 //! - Messages — what one receive finds, up to 8 KiB — go through buffers the loop shares
-//!   between its relays (IORING_OP_PROVIDE_BUFFERS): IORING_OP_RECV picks one only when bytes
+//!   between its relays (a registered buffer ring): IORING_OP_RECV picks one only when bytes
 //!   arrive, IORING_OP_SEND passes it on, and the ring batches both, so a request or a reply
 //!   costs no system call of its own. Keep-alive HTTP through a raw port: ~20% more requests
 //!   per second than polling + splice(2), and faster than the epoll runtime.
@@ -19,8 +20,10 @@
 //! has it): a message may leave in two sends, and Nagle's algorithm would hold the second.
 //!
 //! The control plane (TLS handshakes, the sans-IO core, timers, the admin endpoint) stays on
-//! tokio; it hands each paired connection to a loop through [`UringDataPlane`], which
-//! implements `dialback_tokio::relay::DataPlane`.
+//! tokio. A paired connection is relayed there first and handed to a loop through
+//! [`UringDataPlane`] (which implements `dialback_tokio::relay::DataPlane`) once its
+//! conversation goes on past [`HAND_OVER_AFTER`] turns: a one-request connection never pays
+//! for the hand-over.
 
 mod executor;
 mod relay;
@@ -32,8 +35,7 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use dialback_tokio::relay::{reset_on_close, DataPlane, RelayFuture};
-use dialback_tokio::splice::Tally;
-use dialback_tokio::splice::{recycle, splice, Pipe, CHUNK};
+use dialback_tokio::splice::{recycle, relay_until_idle, splice, Ended, Pipe, Tally, CHUNK};
 use tokio::net::TcpStream;
 
 /// Bytes delivered so far in each direction, written by the loop, read by the waiting task.
@@ -49,6 +51,13 @@ pub(crate) struct Start {
     pub(crate) pipe: Option<Pipe>,
     /// Bytes the first pass delivered.
     pub(crate) moved: u64,
+}
+
+impl Start {
+    const NOTHING: Start = Start {
+        pipe: None,
+        moved: 0,
+    };
 }
 
 /// One relay handed to a loop: both sockets (the loop's own descriptors), and where the first
@@ -71,7 +80,16 @@ struct Worker {
 pub struct UringDataPlane {
     workers: Vec<Worker>,
     next: AtomicUsize,
+    /// Relays handed to a loop so far.
+    handed: AtomicU64,
 }
+
+/// Turns (a direction waiting for its source: one per request or reply) a relay taken with
+/// [`DataPlane::relay_owned`] has on the tokio side before it moves to a loop. Handing a
+/// relay over costs each side a wake-up of the loop and one of tokio at the end, about 10% of
+/// the connection rate when every connection carries one request; a conversation that goes on
+/// pays it once and then runs on the ring (`bench/URING.md`).
+pub const HAND_OVER_AFTER: u32 = 8;
 
 impl UringDataPlane {
     /// Starts `threads` loops (0: half the available cores, at least one — the other half
@@ -109,6 +127,7 @@ impl UringDataPlane {
         Ok(UringDataPlane {
             workers,
             next: AtomicUsize::new(0),
+            handed: AtomicU64::new(0),
         })
     }
 
@@ -116,7 +135,13 @@ impl UringDataPlane {
         self.workers.len()
     }
 
+    /// Relays handed to a loop so far.
+    pub fn handed_over(&self) -> u64 {
+        self.handed.load(Ordering::Relaxed)
+    }
+
     fn submit(&self, job: Job) -> io::Result<()> {
+        self.handed.fetch_add(1, Ordering::Relaxed);
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
         let w = &self.workers[i];
         w.jobs
@@ -137,10 +162,7 @@ impl UringDataPlane {
 /// An error (a reset, say) ends the relay here, as it would in the loop: a socket reports its
 /// error once, so it must not be swallowed.
 fn first_pass(from: &OwnedFd, to: &OwnedFd) -> io::Result<Start> {
-    const NOTHING: Start = Start {
-        pipe: None,
-        moved: 0,
-    };
+    const NOTHING: Start = Start::NOTHING;
     let Ok(mut pipe) = Pipe::take() else {
         return Ok(NOTHING);
     };
@@ -191,6 +213,7 @@ fn owned(s: TcpStream) -> io::Result<OwnedFd> {
 }
 
 impl DataPlane for UringDataPlane {
+    /// Hands the relay to a loop at once (after one pass here).
     fn relay<'a>(
         &'a self,
         a: &TcpStream,
@@ -200,9 +223,12 @@ impl DataPlane for UringDataPlane {
     ) -> RelayFuture<'a> {
         // Duplicate now, before returning: from here on the loop owns its own descriptors.
         let fds = dup(a).and_then(|a| Ok((a, dup(b)?)));
-        self.hand_over(fds, tally_ab, tally_ba)
+        Box::pin(self.hand_over(fds, tally_ab, tally_ba, true))
     }
 
+    /// Relays on tokio (splice(2)) for the first [`HAND_OVER_AFTER`] turns, then, at the
+    /// first moment both directions wait with nothing pending, hands the relay to a loop. A
+    /// connection that ends sooner never leaves tokio.
     fn relay_owned<'a>(
         &'a self,
         a: TcpStream,
@@ -210,28 +236,10 @@ impl DataPlane for UringDataPlane {
         tally_ab: Tally<'a>,
         tally_ba: Tally<'a>,
     ) -> RelayFuture<'a> {
-        let fds = owned(a).and_then(|a| Ok((a, owned(b)?)));
-        self.hand_over(fds, tally_ab, tally_ba)
-    }
-
-    fn name(&self) -> &'static str {
-        "io_uring poll + splice(2)"
-    }
-}
-
-impl UringDataPlane {
-    /// Relays between sockets the loop now owns: one pass here, then a loop's job.
-    fn hand_over<'a>(
-        &'a self,
-        fds: io::Result<(OwnedFd, OwnedFd)>,
-        tally_ab: Tally<'a>,
-        tally_ba: Tally<'a>,
-    ) -> RelayFuture<'a> {
         Box::pin(async move {
-            let (a, b) = fds?;
-            let passes = first_pass(&a, &b).and_then(|ab| Ok((ab, first_pass(&b, &a)?)));
-            let (ab, ba) = match passes {
-                Ok(p) => p,
+            let early = match relay_until_idle(&a, &b, tally_ab, tally_ba, HAND_OVER_AFTER).await {
+                Ok(Ended::Done(ab, ba)) => return Ok((ab, ba)),
+                Ok(Ended::Idle(ab, ba)) => (ab, ba),
                 Err(e) => {
                     // A broken stream must not look complete: reset both ends.
                     reset_on_close(&a);
@@ -239,39 +247,74 @@ impl UringDataPlane {
                     return Err(e);
                 }
             };
-            let progress = Arc::new(Progress::default());
-            progress.ab.store(ab.moved, Ordering::Relaxed);
-            progress.ba.store(ba.moved, Ordering::Relaxed);
-            let (done, mut result) = tokio::sync::oneshot::channel();
-            self.submit(Job {
-                a,
-                b,
-                start: (ab, ba),
-                progress: progress.clone(),
-                done,
-            })?;
-            let (mut told_ab, mut told_ba) = (0u64, 0u64);
-            let mut tell = |p: &Progress| {
-                let (ab, ba) = (p.ab.load(Ordering::Relaxed), p.ba.load(Ordering::Relaxed));
-                if ab > told_ab {
-                    tally_ab(ab - told_ab);
-                    told_ab = ab;
-                }
-                if ba > told_ba {
-                    tally_ba(ba - told_ba);
-                    told_ba = ba;
-                }
-            };
-            loop {
-                tokio::select! {
-                    r = &mut result => {
-                        tell(&progress);
-                        return r.map_err(|_| io::Error::other("io_uring loop dropped the relay"))?;
-                    }
-                    _ = tokio::time::sleep(TALLY_EVERY) => tell(&progress),
-                }
-            }
+            let fds = owned(a).and_then(|a| Ok((a, owned(b)?)));
+            // Both directions were idle: nothing is waiting for a first pass.
+            let (ab, ba) = self.hand_over(fds, tally_ab, tally_ba, false).await?;
+            Ok((ab + early.0, ba + early.1))
         })
+    }
+
+    fn name(&self) -> &'static str {
+        "io_uring (shared buffers, poll + splice(2))"
+    }
+}
+
+impl UringDataPlane {
+    /// Relays between sockets the loop now owns: one pass here if asked, then a loop's job.
+    async fn hand_over(
+        &self,
+        fds: io::Result<(OwnedFd, OwnedFd)>,
+        tally_ab: Tally<'_>,
+        tally_ba: Tally<'_>,
+        pass: bool,
+    ) -> io::Result<(u64, u64)> {
+        let (a, b) = fds?;
+        let passes = if pass {
+            first_pass(&a, &b).and_then(|ab| Ok((ab, first_pass(&b, &a)?)))
+        } else {
+            Ok((Start::NOTHING, Start::NOTHING))
+        };
+        let (ab, ba) = match passes {
+            Ok(p) => p,
+            Err(e) => {
+                // A broken stream must not look complete: reset both ends.
+                reset_on_close(&a);
+                reset_on_close(&b);
+                return Err(e);
+            }
+        };
+        let progress = Arc::new(Progress::default());
+        progress.ab.store(ab.moved, Ordering::Relaxed);
+        progress.ba.store(ba.moved, Ordering::Relaxed);
+        let (done, mut result) = tokio::sync::oneshot::channel();
+        self.submit(Job {
+            a,
+            b,
+            start: (ab, ba),
+            progress: progress.clone(),
+            done,
+        })?;
+        let (mut told_ab, mut told_ba) = (0u64, 0u64);
+        let mut tell = |p: &Progress| {
+            let (ab, ba) = (p.ab.load(Ordering::Relaxed), p.ba.load(Ordering::Relaxed));
+            if ab > told_ab {
+                tally_ab(ab - told_ab);
+                told_ab = ab;
+            }
+            if ba > told_ba {
+                tally_ba(ba - told_ba);
+                told_ba = ba;
+            }
+        };
+        loop {
+            tokio::select! {
+                r = &mut result => {
+                    tell(&progress);
+                    return r.map_err(|_| io::Error::other("io_uring loop dropped the relay"))?;
+                }
+                _ = tokio::time::sleep(TALLY_EVERY) => tell(&progress),
+            }
+        }
     }
 }
 

@@ -297,6 +297,11 @@ async fn small_messages_back_and_forth_never_stall() {
             .unwrap();
         assert_eq!(moved, (before.len() as u64 + up, banner + down));
     }
+    assert_eq!(
+        plane.handed_over(),
+        3,
+        "each conversation moved to the loop"
+    );
 }
 
 /// Receive buffers are shared by a loop's relays and lent only between a receive and its
@@ -355,5 +360,57 @@ async fn relays_keep_their_own_bytes_when_receive_buffers_run_out() {
                 .unwrap_or_else(|_| panic!("a relay stalled with {buffers} buffers"))
                 .unwrap();
         }
+        assert_eq!(
+            plane.handed_over(),
+            48,
+            "every conversation moved to the loop"
+        );
+    }
+}
+
+/// A relay taken with `relay_owned` starts on tokio and moves to a loop only once its
+/// conversation has gone on for a while, at a moment both directions are idle: a one-request
+/// connection never pays for the hand-over, a long one keeps every byte, in order, and the
+/// counts and live tallies of both phases add up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_conversation_moves_to_a_loop_and_a_short_one_stays() {
+    let plane = std::sync::Arc::new(UringDataPlane::start(1).unwrap());
+    let wait = Duration::from_secs(10);
+    for (rounds, handed) in [(1u32, 0u64), (200, 1)] {
+        let before = plane.handed_over();
+        let (mut client, a) = pair().await;
+        let (b, mut server) = pair().await;
+        let p = plane.clone();
+        let tallied = std::sync::Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+        let t = tallied.clone();
+        let relay = tokio::spawn(async move {
+            let up = |n| {
+                t.0.fetch_add(n, Ordering::Relaxed);
+            };
+            let down = |n| {
+                t.1.fetch_add(n, Ordering::Relaxed);
+            };
+            p.relay_owned(a, b, &up, &down).await
+        });
+        let (up, down) = ping_pong::ping_pong(&mut client, &mut server, rounds).await;
+        let moved = tokio::time::timeout(wait, relay)
+            .await
+            .expect("relay did not end")
+            .unwrap()
+            .unwrap();
+        assert_eq!(moved, (up, down), "{rounds} rounds: byte counts");
+        assert_eq!(
+            (
+                tallied.0.load(Ordering::Relaxed),
+                tallied.1.load(Ordering::Relaxed)
+            ),
+            (up, down),
+            "{rounds} rounds: live tallies"
+        );
+        assert_eq!(
+            plane.handed_over() - before,
+            handed,
+            "{rounds} rounds: hand-overs"
+        );
     }
 }
