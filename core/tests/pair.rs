@@ -24,7 +24,7 @@ use dialback_core::crypto::{PasswordKey, SessionKeys};
 use dialback_core::data::{encode_data_hello, Classified, Intake};
 use dialback_core::gateway::{
     ClientId, ClientReject, ClientRoute, ConnId, DataOutcome, DataReject, Gateway, GatewayConfig,
-    GatewayEvent, GatewayOutput, Paired, ServiceConfig,
+    GatewayEvent, GatewayOutput, Paired, ServiceConfig, POOL_TOP_UP,
 };
 use dialback_core::wire::{
     self, msg_type, DataHello, FrameDecoder, Message, Welcome, WireError, MAX_FRAME_PAYLOAD,
@@ -2574,7 +2574,7 @@ fn pool_fills_on_registration_and_serves_clients_without_a_round_trip() {
 }
 
 #[test]
-fn a_pool_of_four_or_more_is_refilled_in_batches_once_half_empty() {
+fn a_pool_of_four_or_more_is_refilled_in_batches_and_topped_up_when_quiet() {
     for (pool, batch) in [(4usize, 2usize), (5, 2), (8, 4)] {
         let mut p = pool_of(pool, Duration::from_secs(60));
         let a = p.agent(SERVICE, password_key(), [1; 32]);
@@ -2603,15 +2603,25 @@ fn a_pool_of_four_or_more_is_refilled_in_batches_once_half_empty() {
             assert_eq!(p.fill(a, &mut answered), batch, "round {round}");
             assert_eq!(p.gw.pooled(SERVICE), pool, "full again after round {round}");
         }
-        // The timers agree: nothing is scheduled to refill a pool short by less than a batch.
+        // A pool left short by less than a batch is topped up once it has been short for
+        // POOL_TOP_UP, not before (the PREPARE then crosses the test link's latency).
         client += 1;
         let _ = p.client_route(client, SERVICE).unwrap();
-        p.run_for(ms(5000));
+        let used_at = p.now;
+        p.settle();
         assert!(
             p.prepares(a, &answered).is_empty(),
-            "pool {pool}: no refill by timer"
+            "pool {pool}: refilled at once"
         );
-        assert_eq!(p.gw.pooled(SERVICE), pool - 1);
+        let reqs = p.await_prepares(a, &answered);
+        assert_eq!(reqs.len(), 1, "pool {pool}: topped up by one");
+        let after = p.now - used_at;
+        assert!(
+            after >= POOL_TOP_UP && after <= POOL_TOP_UP + ms(200),
+            "pool {pool}: topped up after {after:?}"
+        );
+        assert_eq!(p.fill(a, &mut answered), 1);
+        assert_eq!(p.gw.pooled(SERVICE), pool, "pool {pool}: full again");
     }
 }
 
