@@ -532,6 +532,9 @@ struct Results {
 }
 
 struct Plan {
+    /// Rounds of the speed figures; within a round, every system takes its turn at one metric
+    /// before the next metric starts, so slow drifts of the machine hit all systems alike.
+    rounds: usize,
     iperf_secs: u32,
     conn_dur: Duration,
     conn_max: u64,
@@ -540,20 +543,67 @@ struct Plan {
     many_conns: usize,
 }
 
-async fn measure(name: &str, mut sys: Running, plan: &Plan) -> Results {
-    let mut r = Results {
-        available: true,
-        ..Default::default()
-    };
-    progress(&format!("{name}: waiting until the echo service answers"));
-    if !wait_ready(sys.echo, Duration::from_secs(20)).await {
-        r.available = false;
+/// One system for the whole run: its processes while it is up, its samples, its results.
+struct System {
+    name: String,
+    sys: Option<Running>,
+    r: Results,
+    idle: Vec<Option<u64>>,
+    idle_anon: Vec<Option<u64>>,
+    tput1: Vec<f64>,
+    tput4: Vec<f64>,
+    c1: Vec<ConnStats>,
+    c32: Vec<ConnStats>,
+    http_raw: Vec<WrkStats>,
+    http_prefix: Vec<WrkStats>,
+}
+
+impl System {
+    fn new(name: &str, sys: Option<Running>, note: String) -> System {
+        System {
+            name: name.to_string(),
+            r: Results {
+                available: sys.is_some(),
+                note,
+                ..Default::default()
+            },
+            sys,
+            idle: Vec::new(),
+            idle_anon: Vec::new(),
+            tput1: Vec::new(),
+            tput4: Vec::new(),
+            c1: Vec::new(),
+            c32: Vec::new(),
+            http_raw: Vec::new(),
+            http_prefix: Vec::new(),
+        }
+    }
+
+    fn down(name: &str, note: String) -> System {
+        System::new(name, None, note)
+    }
+}
+
+/// Starts a system and waits until its echo service answers. If it never does (a port taken
+/// by someone else between choosing and binding it, say), it is started once more, with fresh
+/// ports.
+async fn bring_up(name: &str, mut start: impl FnMut() -> Result<Running, String>) -> System {
+    let mut note = String::new();
+    for attempt in 0..2 {
+        let mut sys = match start() {
+            Ok(s) => s,
+            Err(e) => return System::down(name, e),
+        };
+        progress(&format!("{name}: waiting until the echo service answers"));
+        if wait_ready(sys.echo, Duration::from_secs(20)).await {
+            return System::new(name, Some(sys), String::new());
+        }
         let exited: Vec<String> = sys
             .procs
             .iter_mut()
             .filter_map(|(role, p)| (!p.alive()).then(|| role.clone()))
             .collect();
-        r.note = if exited.is_empty() {
+        note = if exited.is_empty() {
             "did not become ready within 20 s".into()
         } else {
             format!(
@@ -561,59 +611,183 @@ async fn measure(name: &str, mut sys: Running, plan: &Plan) -> Results {
                 exited.join(", ")
             )
         };
-        return r;
+        if attempt == 0 {
+            progress(&format!(
+                "{name}: {note}; starting it once more with fresh ports"
+            ));
+        }
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let idle: Vec<Option<u64>> = sys.procs.iter().map(|(_, p)| rss_kb(p.pid())).collect();
-    let idle_anon: Vec<Option<u64>> = sys.procs.iter().map(|(_, p)| anon_kb(p.pid())).collect();
+    System::down(name, note)
+}
 
-    for (streams, slot) in [(1u32, &mut r.tput1), (4, &mut r.tput4)] {
-        progress(&format!(
-            "{name}: iperf3 {streams} stream(s), {} s",
-            plan.iperf_secs
-        ));
-        let port = sys.iperf;
-        let secs = plan.iperf_secs;
-        match tokio::task::spawn_blocking(move || iperf(port, streams, secs)).await {
-            Ok(Ok(bps)) => *slot = Some(bps),
-            Ok(Err(e)) => progress(&format!("{name}: iperf3 failed: {e}")),
-            Err(e) => progress(&format!("{name}: iperf3 task failed: {e}")),
-        }
-    }
-    for (conc, slot) in [(1usize, &mut r.c1), (32, &mut r.c32)] {
-        progress(&format!(
-            "{name}: new connections, concurrency {conc}, {:?}",
-            plan.conn_dur
-        ));
-        let s = conn_load(sys.echo, conc, plan.conn_dur, plan.conn_max).await;
-        progress(&format!(
-            "{name}:   {} ok, {} errors, {:.0}/s, p50 {:.0} µs, p99 {:.0} µs",
-            s.ok, s.errors, s.per_sec, s.p50_us, s.p99_us
-        ));
-        *slot = Some(s);
-    }
-    for (which, url, slot) in [
-        ("raw TCP", sys.web.clone(), &mut r.http_raw),
-        ("/~~web", sys.web_prefix.clone(), &mut r.http_prefix),
-    ] {
-        let Some(url) = url else { continue };
-        progress(&format!(
-            "{name}: wrk -t2 -c32 -d{}s {url} ({which})",
-            plan.iperf_secs
-        ));
-        let secs = plan.iperf_secs;
-        match tokio::task::spawn_blocking(move || wrk(&url, secs)).await {
-            Ok(Ok(st)) => {
-                progress(&format!(
-                    "{name}:   {:.0} req/s, p50 {:.0} µs, p99 {:.0} µs",
-                    st.per_sec, st.p50_us, st.p99_us
-                ));
-                *slot = Some(st);
+#[derive(Clone, Copy)]
+enum Metric {
+    Tput1,
+    Tput4,
+    Conn1,
+    Conn32,
+    HttpRaw,
+    HttpPrefix,
+}
+
+const METRICS: [Metric; 6] = [
+    Metric::Tput1,
+    Metric::Tput4,
+    Metric::Conn1,
+    Metric::Conn32,
+    Metric::HttpRaw,
+    Metric::HttpPrefix,
+];
+
+/// One sample of `metric` for system `s`, if it is up and serves what the metric needs.
+async fn sample(s: &mut System, metric: Metric, plan: &Plan, round: usize) {
+    let Some(sys) = &s.sys else { return };
+    let name = format!("{} (round {})", s.name, round + 1);
+    match metric {
+        Metric::Tput1 | Metric::Tput4 => {
+            let streams = if matches!(metric, Metric::Tput1) {
+                1
+            } else {
+                4
+            };
+            progress(&format!(
+                "{name}: iperf3 {streams} stream(s), {} s",
+                plan.iperf_secs
+            ));
+            let (port, secs) = (sys.iperf, plan.iperf_secs);
+            match tokio::task::spawn_blocking(move || iperf(port, streams, secs)).await {
+                Ok(Ok(bps)) => {
+                    progress(&format!("{name}:   {:.2} Gbit/s", bps / 1e9));
+                    if streams == 1 {
+                        &mut s.tput1
+                    } else {
+                        &mut s.tput4
+                    }
+                    .push(bps);
+                }
+                Ok(Err(e)) => progress(&format!("{name}: iperf3 failed: {e}")),
+                Err(e) => progress(&format!("{name}: iperf3 task failed: {e}")),
             }
-            Ok(Err(e)) => progress(&format!("{name}: wrk failed: {e}")),
-            Err(e) => progress(&format!("{name}: wrk task failed: {e}")),
+        }
+        Metric::Conn1 | Metric::Conn32 => {
+            let conc = if matches!(metric, Metric::Conn1) {
+                1
+            } else {
+                32
+            };
+            progress(&format!(
+                "{name}: new connections, concurrency {conc}, {:?}",
+                plan.conn_dur
+            ));
+            let st = conn_load(sys.echo, conc, plan.conn_dur, plan.conn_max).await;
+            progress(&format!(
+                "{name}:   {} ok, {} errors, {:.0}/s, p50 {:.0} µs, p99 {:.0} µs",
+                st.ok, st.errors, st.per_sec, st.p50_us, st.p99_us
+            ));
+            if conc == 1 { &mut s.c1 } else { &mut s.c32 }.push(st);
+        }
+        Metric::HttpRaw | Metric::HttpPrefix => {
+            let raw = matches!(metric, Metric::HttpRaw);
+            let url = if raw { &sys.web } else { &sys.web_prefix };
+            let Some(url) = url.clone() else { return };
+            let which = if raw { "raw TCP" } else { "/~~web" };
+            progress(&format!(
+                "{name}: wrk -t2 -c32 -d{}s {url} ({which})",
+                plan.iperf_secs
+            ));
+            let secs = plan.iperf_secs;
+            match tokio::task::spawn_blocking(move || wrk(&url, secs)).await {
+                Ok(Ok(st)) => {
+                    progress(&format!(
+                        "{name}:   {:.0} req/s, p50 {:.0} µs, p99 {:.0} µs",
+                        st.per_sec, st.p50_us, st.p99_us
+                    ));
+                    if raw {
+                        &mut s.http_raw
+                    } else {
+                        &mut s.http_prefix
+                    }
+                    .push(st);
+                }
+                Ok(Err(e)) => progress(&format!("{name}: wrk failed: {e}")),
+                Err(e) => progress(&format!("{name}: wrk task failed: {e}")),
+            }
         }
     }
+}
+
+/// The median (the upper one of an even count); `None` without samples.
+fn median(v: impl IntoIterator<Item = f64>) -> Option<f64> {
+    let mut v: Vec<f64> = v.into_iter().filter(|x| x.is_finite()).collect();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
+}
+
+/// Connection rounds folded into one: every connection and error counted, rate and
+/// latencies the medians of the rounds.
+fn fold_conns(v: &[ConnStats]) -> Option<ConnStats> {
+    if v.is_empty() {
+        return None;
+    }
+    Some(ConnStats {
+        ok: v.iter().map(|s| s.ok).sum(),
+        errors: v.iter().map(|s| s.errors).sum(),
+        per_sec: median(v.iter().map(|s| s.per_sec))?,
+        p50_us: median(v.iter().map(|s| s.p50_us)).unwrap_or(f64::NAN),
+        p99_us: median(v.iter().map(|s| s.p99_us)).unwrap_or(f64::NAN),
+    })
+}
+
+fn fold_wrk(v: &[WrkStats]) -> Option<WrkStats> {
+    Some(WrkStats {
+        per_sec: median(v.iter().map(|s| s.per_sec))?,
+        p50_us: median(v.iter().map(|s| s.p50_us)).unwrap_or(f64::NAN),
+        p99_us: median(v.iter().map(|s| s.p99_us)).unwrap_or(f64::NAN),
+    })
+}
+
+/// Measures every system: idle memory first, then the speed figures in interleaved rounds,
+/// then, one system at a time, memory while holding connections and after closing them; each
+/// system's processes stop after its turn.
+async fn measure_all(systems: &mut [System], plan: &Plan) {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for s in systems.iter_mut() {
+        if let Some(sys) = &s.sys {
+            s.idle = sys.procs.iter().map(|(_, p)| rss_kb(p.pid())).collect();
+            s.idle_anon = sys.procs.iter().map(|(_, p)| anon_kb(p.pid())).collect();
+        }
+    }
+    let n = systems.len();
+    for round in 0..plan.rounds {
+        for metric in METRICS {
+            // Each round starts with a different system, so none is always first or last.
+            for k in 0..n {
+                sample(&mut systems[(k + round) % n], metric, plan, round).await;
+            }
+        }
+    }
+    for s in systems.iter_mut() {
+        s.r.tput1 = median(s.tput1.iter().copied());
+        s.r.tput4 = median(s.tput4.iter().copied());
+        s.r.c1 = fold_conns(&s.c1);
+        s.r.c32 = fold_conns(&s.c32);
+        s.r.http_raw = fold_wrk(&s.http_raw);
+        s.r.http_prefix = fold_wrk(&s.http_prefix);
+        if let Some(sys) = s.sys.take() {
+            hold_and_release(&s.name, sys, plan, &mut s.r, &s.idle, &s.idle_anon).await;
+        }
+    }
+}
+
+/// Memory while holding idle connections and after closing them; stops the system.
+async fn hold_and_release(
+    name: &str,
+    mut sys: Running,
+    plan: &Plan,
+    r: &mut Results,
+    idle: &[Option<u64>],
+    idle_anon: &[Option<u64>],
+) {
     progress(&format!(
         "{name}: holding {} idle connections",
         plan.idle_conns
@@ -650,44 +824,13 @@ async fn measure(name: &str, mut sys: Running, plan: &Plan) -> Results {
         if !p.alive() {
             r.note.push_str(&format!("{role} exited during the run; "));
         }
-        r.rss.push((role.clone(), idle[i], holding[i], after[i]));
+        let at = |v: &[Option<u64>]| v.get(i).copied().flatten();
+        r.rss.push((role.clone(), at(idle), holding[i], after[i]));
         r.anon
-            .push((role.clone(), idle_anon[i], holding_anon[i], after_anon[i]));
+            .push((role.clone(), at(idle_anon), holding_anon[i], after_anon[i]));
     }
     progress(&format!("{name}: done; stopping its processes"));
     drop(sys);
-    r
-}
-
-/// Starts a system and measures it. If it never answered (a port taken by someone else between
-/// choosing and binding it, say), it is started once more, with fresh ports.
-async fn start_and_measure(
-    name: &str,
-    plan: &Plan,
-    mut start: impl FnMut() -> Result<Running, String>,
-) -> Results {
-    let mut last = Results::default();
-    for attempt in 0..2 {
-        last = match start() {
-            Ok(sys) => measure(name, sys, plan).await,
-            Err(e) => {
-                return Results {
-                    note: e,
-                    ..Default::default()
-                }
-            }
-        };
-        if last.available {
-            break;
-        }
-        if attempt == 0 {
-            progress(&format!(
-                "{name}: {}; starting it once more with fresh ports",
-                last.note
-            ));
-        }
-    }
-    last
 }
 
 // ---------------------------------------------------------------- reporting
@@ -1307,6 +1450,7 @@ fn main() {
 async fn run(smoke: bool, out_path: &Path) -> i32 {
     let plan = if smoke {
         Plan {
+            rounds: 1,
             iperf_secs: 1,
             conn_dur: Duration::from_millis(300),
             conn_max: 2000,
@@ -1315,8 +1459,9 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
         }
     } else {
         Plan {
-            iperf_secs: 5,
-            conn_dur: Duration::from_secs(3),
+            rounds: 3,
+            iperf_secs: 3,
+            conn_dur: Duration::from_secs(2),
             conn_max: 50_000,
             idle_conns: 1000,
             many_conns: many_conns_allowed(),
@@ -1428,81 +1573,89 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
     if web_port.is_some() {
         wait_ready_http(addr(web_port.unwrap_or(0))).await;
     }
-    let direct = measure(
-        "direct",
-        Running {
-            echo: addr(echo_port),
-            iperf: iperf_port,
-            web: web_port.map(|p| format!("http://127.0.0.1:{p}/")),
-            web_prefix: None,
-            procs: Vec::new(),
-        },
-        &plan,
-    )
-    .await;
-
-    let mut runtimes = Vec::new();
+    // Every system is started first and stays up (idle) while the others are measured, so
+    // that the speed figures can be taken in interleaved rounds.
+    let mut systems = vec![
+        bring_up("direct", || {
+            Ok(Running {
+                echo: addr(echo_port),
+                iperf: iperf_port,
+                web: web_port.map(|p| format!("http://127.0.0.1:{p}/")),
+                web_prefix: None,
+                procs: Vec::new(),
+            })
+        })
+        .await,
+    ];
     for runtime in ["tokio", "uring"] {
         let name = format!("dialback {runtime}");
         progress(&format!("{name}: starting gateway and agent"));
-        let r = start_and_measure(&name, &plan, || {
-            start_dialback(
-                &dialback_bin,
-                &dir,
-                runtime,
-                false,
-                echo_port,
-                iperf_port,
-                web_port,
-                &mut cmds,
-            )
-        })
-        .await;
-        runtimes.push((name, r));
+        systems.push(
+            bring_up(&name, || {
+                start_dialback(
+                    &dialback_bin,
+                    &dir,
+                    runtime,
+                    false,
+                    echo_port,
+                    iperf_port,
+                    web_port,
+                    &mut cmds,
+                )
+            })
+            .await,
+        );
     }
-    let db = &runtimes[0].1;
-
-    let rh = match &rathole {
+    let no_rathole = || "rathole 0.5.0 unavailable (not installed / install failed)".to_string();
+    systems.push(match &rathole {
         Some(bin) => {
             progress("rathole: starting server and client");
-            start_and_measure("rathole", &plan, || {
+            bring_up("rathole", || {
                 start_rathole(bin, &dir, false, echo_port, iperf_port, web_port, &mut cmds)
             })
             .await
         }
-        None => Results {
-            note: "rathole 0.5.0 unavailable (not installed / install failed)".into(),
-            ..Default::default()
-        },
-    };
+        None => System::down("rathole", no_rathole()),
+    });
     // Encrypted data channels: dialback's data_tls against rathole's noise transport.
     progress("dialback tokio, data_tls: starting gateway and agent");
-    let db_tls = start_and_measure("dialback tokio data_tls", &plan, || {
-        start_dialback(
-            &dialback_bin,
-            &dir,
-            "tokio",
-            true,
-            echo_port,
-            iperf_port,
-            None,
-            &mut cmds,
-        )
-    })
-    .await;
-    let rh_noise = match &rathole {
+    systems.push(
+        bring_up("dialback tokio data_tls", || {
+            start_dialback(
+                &dialback_bin,
+                &dir,
+                "tokio",
+                true,
+                echo_port,
+                iperf_port,
+                None,
+                &mut cmds,
+            )
+        })
+        .await,
+    );
+    systems.push(match &rathole {
         Some(bin) => {
             progress("rathole noise: starting server and client");
-            start_and_measure("rathole noise", &plan, || {
+            bring_up("rathole noise", || {
                 start_rathole(bin, &dir, true, echo_port, iperf_port, None, &mut cmds)
             })
             .await
         }
-        None => Results {
-            note: "rathole 0.5.0 unavailable (not installed / install failed)".into(),
-            ..Default::default()
-        },
-    };
+        None => System::down("rathole noise", no_rathole()),
+    });
+    measure_all(&mut systems, &plan).await;
+    let mut results = systems.into_iter().map(|s| (s.name, s.r));
+    let mut next = || results.next().map(|(_, r)| r).unwrap_or_default();
+    let direct = next();
+    let runtimes = vec![
+        ("dialback tokio".to_string(), next()),
+        ("dialback uring".to_string(), next()),
+    ];
+    let rh = next();
+    let db_tls = next();
+    let rh_noise = next();
+    let db = &runtimes[0].1;
     drop(iperf_srv);
     drop(nginx);
     echo_task.abort();
@@ -1571,13 +1724,19 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
     let _ = writeln!(
         md,
         "\n## Method\n\n\
+         - every system is started first and stays up; the speed figures (throughput, new \
+         connections, HTTP) are taken in {} rounds, and within a round every system takes its \
+         turn at one metric before the next metric starts (each round starting with another \
+         system), so that a slow drift of the machine hits all systems alike. Each figure is \
+         the median of the rounds (failed connections: the sum).\n\
          - throughput: iperf3 server on 127.0.0.1 as the private service; the client goes \
          direct or through the public port; {} s per run, 1 and 4 streams; receiver bits/s \
          from `-J`.\n\
          - new connections: the harness's tokio load generator (connect, send 16 bytes, read \
          the 16-byte echo, close) against an in-process echo server; concurrency 1 and 32, \
-         {:?} or {} connections each, whichever ends first; latency is connect start to the \
+         {:?} or {} connections per run, whichever ends first; latency is connect start to the \
          echoed bytes.\n\
+         - HTTP: wrk for as long as an iperf3 run.\n\
          - memory: VmRSS from /proc/PID/status at idle (after one round trip), while holding \
          {} idle connections (each with one completed round trip), and 3 s after closing \
          them; also RssAnon, the private memory (heap, stacks): VmRSS adds the file pages of the \
@@ -1588,7 +1747,7 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
          differ only in `--runtime`. rathole uses its tcp transport, RUST_LOG=warn.\n\
          - encrypted: dialback with `data_tls = true` (rustls, TLS 1.3, user-space copies; no \
          kernel TLS on this kernel) against rathole's noise transport (keys from `--genkey`).\n",
-        plan.iperf_secs, plan.conn_dur, plan.conn_max, plan.idle_conns
+        plan.rounds, plan.iperf_secs, plan.conn_dur, plan.conn_max, plan.idle_conns
     );
     let _ = writeln!(md, "## Results\n\n### Plain data channel\n\n{tbl}");
     let _ = writeln!(
