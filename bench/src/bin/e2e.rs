@@ -1051,7 +1051,17 @@ fn targets(rows: &[Row], rows_enc: &[Row], db: &Results) -> String {
     };
     let judge = |v: Option<f64>, ok: &dyn Fn(f64) -> bool| match v {
         None => "not measured".to_string(),
-        Some(x) => format!("{} ({x:.2}x)", if ok(x) { "met" } else { "not met" }),
+        Some(x) => {
+            let met = ok(x);
+            // Two decimals can show a miss as its bound ("not met (1.00x)"): then show three.
+            let shown = format!("{x:.2}");
+            let bound_like = shown.parse::<f64>().is_ok_and(|r| ok(r) != met);
+            if bound_like {
+                format!("{} ({x:.3}x)", if met { "met" } else { "not met" })
+            } else {
+                format!("{} ({shown}x)", if met { "met" } else { "not met" })
+            }
+        }
     };
     for l in ["iperf3 1 stream", "iperf3 4 streams"] {
         line(
