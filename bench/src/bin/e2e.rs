@@ -1469,9 +1469,9 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
         }
     } else {
         Plan {
-            rounds: 3,
-            iperf_secs: 3,
-            conn_dur: Duration::from_secs(2),
+            rounds: 5,
+            iperf_secs: 2,
+            conn_dur: Duration::from_millis(1500),
             conn_max: 50_000,
             idle_conns: 1000,
             many_conns: many_conns_allowed(),
