@@ -536,6 +536,8 @@ struct Plan {
     /// before the next metric starts, so slow drifts of the machine hit all systems alike.
     rounds: usize,
     iperf_secs: u32,
+    /// wrk runs longer than iperf3: a p99 wants more requests than a few seconds give.
+    wrk_secs: u32,
     conn_dur: Duration,
     conn_max: u64,
     idle_conns: usize,
@@ -693,9 +695,9 @@ async fn sample(s: &mut System, metric: Metric, plan: &Plan, round: usize) {
             let which = if raw { "raw TCP" } else { "/~~web" };
             progress(&format!(
                 "{name}: wrk -t2 -c32 -d{}s {url} ({which})",
-                plan.iperf_secs
+                plan.wrk_secs
             ));
-            let secs = plan.iperf_secs;
+            let secs = plan.wrk_secs;
             match tokio::task::spawn_blocking(move || wrk(&url, secs)).await {
                 Ok(Ok(st)) => {
                     progress(&format!(
@@ -1462,6 +1464,7 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
         Plan {
             rounds: 1,
             iperf_secs: 1,
+            wrk_secs: 1,
             conn_dur: Duration::from_millis(300),
             conn_max: 2000,
             idle_conns: 100,
@@ -1471,6 +1474,7 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
         Plan {
             rounds: 5,
             iperf_secs: 2,
+            wrk_secs: 4,
             conn_dur: Duration::from_millis(1500),
             conn_max: 50_000,
             idle_conns: 1000,
@@ -1566,7 +1570,7 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
                 ));
                 cmds.push(format!(
                     "wrk -t2 -c32 -d{}s --latency http://<public address>/",
-                    plan.iperf_secs
+                    plan.wrk_secs
                 ));
                 Some(p)
             }
@@ -1746,7 +1750,7 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
          the 16-byte echo, close) against an in-process echo server; concurrency 1 and 32, \
          {:?} or {} connections per run, whichever ends first; latency is connect start to the \
          echoed bytes.\n\
-         - HTTP: wrk for as long as an iperf3 run.\n\
+         - HTTP: wrk -t2 -c32, {} s per run, against nginx serving a 1 KiB page.\n\
          - memory: VmRSS from /proc/PID/status at idle (after one round trip), while holding \
          {} idle connections (each with one completed round trip), and 3 s after closing \
          them; also RssAnon, the private memory (heap, stacks): VmRSS adds the file pages of the \
@@ -1757,7 +1761,7 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
          differ only in `--runtime`. rathole uses its tcp transport, RUST_LOG=warn.\n\
          - encrypted: dialback with `data_tls = true` (rustls, TLS 1.3, user-space copies; no \
          kernel TLS on this kernel) against rathole's noise transport (keys from `--genkey`).\n",
-        plan.rounds, plan.iperf_secs, plan.conn_dur, plan.conn_max, plan.idle_conns
+        plan.rounds, plan.iperf_secs, plan.conn_dur, plan.conn_max, plan.wrk_secs, plan.idle_conns
     );
     let _ = writeln!(md, "## Results\n\n### Plain data channel\n\n{tbl}");
     let _ = writeln!(
