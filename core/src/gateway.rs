@@ -904,8 +904,8 @@ impl Gateway {
         } else if pool.short_since.is_none() {
             pool.short_since = Some(now);
         }
-        let wanted = session.pool.wanted(now);
-        if wanted == 0 || now < session.pool.refill_at {
+        let wanted = pool.wanted(now);
+        if wanted == 0 || now < pool.refill_at {
             self.reschedule(conn);
             return;
         }

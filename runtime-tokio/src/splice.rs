@@ -10,7 +10,7 @@ use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::task::Poll;
 
@@ -299,8 +299,8 @@ pub async fn relay_until_idle(
 ) -> io::Result<Ended> {
     let (mut ab, mut ba) = (None, None);
     let turns = Turns::default();
-    let moved_ab = std::sync::atomic::AtomicU64::new(0);
-    let moved_ba = std::sync::atomic::AtomicU64::new(0);
+    let moved_ab = AtomicU64::new(0);
+    let moved_ba = AtomicU64::new(0);
     let count_ab = |n: u64| {
         moved_ab.fetch_add(n, Ordering::Relaxed);
         tally_ab(n);

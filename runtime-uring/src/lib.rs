@@ -162,20 +162,19 @@ impl UringDataPlane {
 /// An error (a reset, say) ends the relay here, as it would in the loop: a socket reports its
 /// error once, so it must not be swallowed.
 fn first_pass(from: &OwnedFd, to: &OwnedFd) -> io::Result<Start> {
-    const NOTHING: Start = Start::NOTHING;
     let Ok(mut pipe) = Pipe::take() else {
-        return Ok(NOTHING);
+        return Ok(Start::NOTHING);
     };
     match splice(from.as_raw_fd(), pipe.write_fd(), CHUNK) {
         Ok(n) if n > 0 => pipe.pending = n,
         // EOF is seen again by the loop, which passes it on.
         Ok(_) => {
             recycle(pipe);
-            return Ok(NOTHING);
+            return Ok(Start::NOTHING);
         }
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
             recycle(pipe);
-            return Ok(NOTHING);
+            return Ok(Start::NOTHING);
         }
         Err(e) => {
             recycle(pipe);
@@ -223,7 +222,20 @@ impl DataPlane for UringDataPlane {
     ) -> RelayFuture<'a> {
         // Duplicate now, before returning: from here on the loop owns its own descriptors.
         let fds = dup(a).and_then(|a| Ok((a, dup(b)?)));
-        Box::pin(self.hand_over(fds, tally_ab, tally_ba, true))
+        Box::pin(async move {
+            let (a, b) = fds?;
+            let passes = first_pass(&a, &b).and_then(|ab| Ok((ab, first_pass(&b, &a)?)));
+            let start = match passes {
+                Ok(p) => p,
+                Err(e) => {
+                    // A broken stream must not look complete: reset both ends.
+                    reset_on_close(&a);
+                    reset_on_close(&b);
+                    return Err(e);
+                }
+            };
+            self.hand_over(a, b, start, tally_ab, tally_ba).await
+        })
     }
 
     /// Relays on tokio (splice(2)) for the first [`HAND_OVER_AFTER`] turns, then, at the
@@ -247,9 +259,10 @@ impl DataPlane for UringDataPlane {
                     return Err(e);
                 }
             };
-            let fds = owned(a).and_then(|a| Ok((a, owned(b)?)));
+            let (a, b) = (owned(a)?, owned(b)?);
             // Both directions were idle: nothing is waiting for a first pass.
-            let (ab, ba) = self.hand_over(fds, tally_ab, tally_ba, false).await?;
+            let start = (Start::NOTHING, Start::NOTHING);
+            let (ab, ba) = self.hand_over(a, b, start, tally_ab, tally_ba).await?;
             Ok((ab + early.0, ba + early.1))
         })
     }
@@ -260,29 +273,16 @@ impl DataPlane for UringDataPlane {
 }
 
 impl UringDataPlane {
-    /// Relays between sockets the loop now owns: one pass here if asked, then a loop's job.
+    /// Relays between sockets the loop now owns, from where `start` left each direction, as
+    /// a loop's job; reports the loop's progress to the tallies while it runs.
     async fn hand_over(
         &self,
-        fds: io::Result<(OwnedFd, OwnedFd)>,
+        a: OwnedFd,
+        b: OwnedFd,
+        (ab, ba): (Start, Start),
         tally_ab: Tally<'_>,
         tally_ba: Tally<'_>,
-        pass: bool,
     ) -> io::Result<(u64, u64)> {
-        let (a, b) = fds?;
-        let passes = if pass {
-            first_pass(&a, &b).and_then(|ab| Ok((ab, first_pass(&b, &a)?)))
-        } else {
-            Ok((Start::NOTHING, Start::NOTHING))
-        };
-        let (ab, ba) = match passes {
-            Ok(p) => p,
-            Err(e) => {
-                // A broken stream must not look complete: reset both ends.
-                reset_on_close(&a);
-                reset_on_close(&b);
-                return Err(e);
-            }
-        };
         let progress = Arc::new(Progress::default());
         progress.ab.store(ab.moved, Ordering::Relaxed);
         progress.ba.store(ba.moved, Ordering::Relaxed);

@@ -17,21 +17,9 @@ pub async fn ping_pong(client: &mut TcpStream, server: &mut TcpStream, rounds: u
     let (mut up, mut down) = (0u64, 0u64);
     for i in 0..rounds {
         let ping = format!("ping {i}");
-        client.write_all(ping.as_bytes()).await.unwrap();
-        let mut got = vec![0u8; ping.len()];
-        tokio::time::timeout(WAIT, server.read_exact(&mut got))
-            .await
-            .expect("forward message stalled")
-            .unwrap();
-        assert_eq!(got, ping.as_bytes());
+        pass(client, server, ping.as_bytes(), "forward message stalled").await;
         let pong = format!("pong {i}!");
-        server.write_all(pong.as_bytes()).await.unwrap();
-        let mut got = vec![0u8; pong.len()];
-        tokio::time::timeout(WAIT, client.read_exact(&mut got))
-            .await
-            .expect("backward message stalled")
-            .unwrap();
-        assert_eq!(got, pong.as_bytes());
+        pass(server, client, pong.as_bytes(), "backward message stalled").await;
         up += ping.len() as u64;
         down += pong.len() as u64;
     }
@@ -51,4 +39,15 @@ pub async fn ping_pong(client: &mut TcpStream, server: &mut TcpStream, rounds: u
         .unwrap();
     assert!(rest.is_empty());
     (up + 4, down)
+}
+
+/// Writes `msg` to `from` and expects exactly it at `to` within [`WAIT`].
+async fn pass(from: &mut TcpStream, to: &mut TcpStream, msg: &[u8], stalled: &str) {
+    from.write_all(msg).await.unwrap();
+    let mut got = vec![0u8; msg.len()];
+    tokio::time::timeout(WAIT, to.read_exact(&mut got))
+        .await
+        .expect(stalled)
+        .unwrap();
+    assert_eq!(got, msg);
 }
