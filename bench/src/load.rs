@@ -62,6 +62,38 @@ pub struct ConnStats {
     pub p99_us: f64,
 }
 
+/// Round trips on one open connection: 16 bytes out, the same 16 back, again and again until
+/// `dur` passes or `max` were made. Measures what every relay on the path adds to each
+/// exchange once the connection stands (no connection set-up in the figure).
+pub async fn open_round_trips(target: SocketAddr, dur: Duration, max: u64) -> ConnStats {
+    let start = Instant::now();
+    let mut lat = Vec::new();
+    let mut errors = 0u64;
+    match round_trip(target).await {
+        Err(_) => errors += 1,
+        Ok(mut s) => {
+            let deadline = start + dur;
+            let mut back = [0u8; 16];
+            while Instant::now() < deadline && (lat.len() as u64) < max {
+                let t0 = Instant::now();
+                let exchange = async {
+                    s.write_all(&PAYLOAD).await?;
+                    s.read_exact(&mut back).await?;
+                    Ok::<_, std::io::Error>(())
+                };
+                match tokio::time::timeout(Duration::from_secs(3), exchange).await {
+                    Ok(Ok(())) if back == PAYLOAD => lat.push(t0.elapsed()),
+                    _ => {
+                        errors += 1;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    stats(lat, errors, start.elapsed())
+}
+
 /// `concurrency` workers make round trips until `dur` passes or `max` were started.
 pub async fn conn_load(
     target: SocketAddr,
@@ -99,7 +131,11 @@ pub async fn conn_load(
             errors += e;
         }
     }
-    let elapsed = start.elapsed().as_secs_f64();
+    stats(lat, errors, start.elapsed())
+}
+
+fn stats(mut lat: Vec<Duration>, errors: u64, elapsed: Duration) -> ConnStats {
+    let elapsed = elapsed.as_secs_f64();
     lat.sort();
     let pct = |p: f64| -> f64 {
         if lat.is_empty() {

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use dialback_bench::load::{conn_load, echo_server, round_trip, ConnStats};
+use dialback_bench::load::{conn_load, echo_server, open_round_trips, round_trip, ConnStats};
 use tokio::net::{TcpListener, TcpStream};
 
 fn progress(msg: &str) {
@@ -520,6 +520,11 @@ struct Results {
     tput4: Option<f64>,
     c1: Option<ConnStats>,
     c32: Option<ConnStats>,
+    /// Machine CPU (all cores, kernel included) per connection at concurrency 1 and 32, µs.
+    c1_cpu: Option<f64>,
+    c32_cpu: Option<f64>,
+    /// 16-byte round trips on one connection that is already open.
+    open: Option<ConnStats>,
     rss: Vec<RssRow>,
     /// Like `rss`, private (anonymous) memory only.
     anon: Vec<RssRow>,
@@ -556,6 +561,9 @@ struct System {
     tput4: Vec<f64>,
     c1: Vec<ConnStats>,
     c32: Vec<ConnStats>,
+    c1_cpu: Vec<f64>,
+    c32_cpu: Vec<f64>,
+    open: Vec<ConnStats>,
     http_raw: Vec<WrkStats>,
     http_prefix: Vec<WrkStats>,
 }
@@ -576,6 +584,9 @@ impl System {
             tput4: Vec::new(),
             c1: Vec::new(),
             c32: Vec::new(),
+            c1_cpu: Vec::new(),
+            c32_cpu: Vec::new(),
+            open: Vec::new(),
             http_raw: Vec::new(),
             http_prefix: Vec::new(),
         }
@@ -628,15 +639,17 @@ enum Metric {
     Tput4,
     Conn1,
     Conn32,
+    Open,
     HttpRaw,
     HttpPrefix,
 }
 
-const METRICS: [Metric; 6] = [
+const METRICS: [Metric; 7] = [
     Metric::Tput1,
     Metric::Tput4,
     Metric::Conn1,
     Metric::Conn32,
+    Metric::Open,
     Metric::HttpRaw,
     Metric::HttpPrefix,
 ];
@@ -681,12 +694,40 @@ async fn sample(s: &mut System, metric: Metric, plan: &Plan, round: usize) {
                 "{name}: new connections, concurrency {conc}, {:?}",
                 plan.conn_dur
             ));
+            let busy = machine_busy_us();
             let st = conn_load(sys.echo, conc, plan.conn_dur, plan.conn_max).await;
+            let cpu = match (busy, machine_busy_us()) {
+                (Some(a), Some(b)) if st.ok > 0 => Some(b.saturating_sub(a) as f64 / st.ok as f64),
+                _ => None,
+            };
             progress(&format!(
-                "{name}:   {} ok, {} errors, {:.0}/s, p50 {:.0} µs, p99 {:.0} µs",
-                st.ok, st.errors, st.per_sec, st.p50_us, st.p99_us
+                "{name}:   {} ok, {} errors, {:.0}/s, p50 {:.0} µs, p99 {:.0} µs, machine CPU {:.0} µs per connection",
+                st.ok,
+                st.errors,
+                st.per_sec,
+                st.p50_us,
+                st.p99_us,
+                cpu.unwrap_or(f64::NAN)
             ));
-            if conc == 1 { &mut s.c1 } else { &mut s.c32 }.push(st);
+            let (stats, cpus) = if conc == 1 {
+                (&mut s.c1, &mut s.c1_cpu)
+            } else {
+                (&mut s.c32, &mut s.c32_cpu)
+            };
+            stats.push(st);
+            cpus.extend(cpu);
+        }
+        Metric::Open => {
+            progress(&format!(
+                "{name}: round trips on one open connection, {:?}",
+                plan.conn_dur
+            ));
+            let st = open_round_trips(sys.echo, plan.conn_dur, plan.conn_max).await;
+            progress(&format!(
+                "{name}:   {} round trips, {} errors, p50 {:.0} µs, p99 {:.0} µs",
+                st.ok, st.errors, st.p50_us, st.p99_us
+            ));
+            s.open.push(st);
         }
         Metric::HttpRaw | Metric::HttpPrefix => {
             let raw = matches!(metric, Metric::HttpRaw);
@@ -716,6 +757,27 @@ async fn sample(s: &mut System, metric: Metric, plan: &Plan, round: usize) {
             }
         }
     }
+}
+
+/// CPU time the whole machine spent busy so far (every core, user and kernel, interrupts
+/// included), from /proc/stat, in µs.
+fn machine_busy_us() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu = stat.lines().next()?.strip_prefix("cpu ")?;
+    let f: Vec<u64> = cpu
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal: all but idle and iowait are busy.
+    let busy: u64 = f
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4 && *i < 8)
+        .map(|(_, v)| v)
+        .sum();
+    // SAFETY: sysconf only reads a configuration value.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (tick > 0).then(|| busy * 1_000_000 / tick as u64)
 }
 
 /// The median (the upper one of an even count); `None` without samples.
@@ -773,6 +835,9 @@ async fn measure_all(systems: &mut [System], plan: &Plan) {
         s.r.tput4 = median(s.tput4.iter().copied());
         s.r.c1 = fold_conns(&s.c1);
         s.r.c32 = fold_conns(&s.c32);
+        s.r.c1_cpu = median(s.c1_cpu.iter().copied());
+        s.r.c32_cpu = median(s.c32_cpu.iter().copied());
+        s.r.open = fold_conns(&s.open);
         s.r.http_raw = fold_wrk(&s.http_raw);
         s.r.http_prefix = fold_wrk(&s.http_prefix);
         if let Some(sys) = s.sys.take() {
@@ -904,6 +969,26 @@ fn table(sys: &[(&str, &Results)]) -> (String, Vec<Row>) {
     num(
         "p99, concurrency 32",
         &|r| r.c32.as_ref().map(|s| s.p99_us),
+        &us,
+    );
+    num(
+        "machine CPU per connection, concurrency 1",
+        &|r| r.c1_cpu,
+        &us,
+    );
+    num(
+        "machine CPU per connection, concurrency 32",
+        &|r| r.c32_cpu,
+        &us,
+    );
+    num(
+        "round trip on an open connection, p50",
+        &|r| r.open.as_ref().map(|s| s.p50_us),
+        &us,
+    );
+    num(
+        "round trip on an open connection, p99",
+        &|r| r.open.as_ref().map(|s| s.p99_us),
         &us,
     );
     let rps = |v: f64| format!("{v:.0}/s");
@@ -1187,6 +1272,93 @@ fn targets(rows: &[Row], rows_enc: &[Row], db: &Results) -> String {
     out
 }
 
+/// The floors under the connection targets, from figures of the same run: what any tunnel
+/// (two relays and three TCP connections per client) must at least spend on this machine, set
+/// against what each target asks for.
+fn bounds(rows: &[Row]) -> String {
+    let n = rows.first().map_or(0, |r| r.2.len());
+    if n < 3 {
+        return String::new();
+    }
+    let v = |l: &str, i: usize| {
+        rows.iter()
+            .find(|r| r.0 == l)
+            .and_then(|r| r.2.get(i).copied().flatten())
+    };
+    let (direct, db, rh) = (0, 1, n - 1);
+    let reach = |asks: f64, floor: f64| {
+        if asks < floor {
+            "**out of reach on this machine**"
+        } else {
+            "within reach"
+        }
+    };
+    let mut out = String::new();
+    if let (Some(rate), Some(direct_rate), Some(d), Some(r), Some(t)) = (
+        v("conn/s, concurrency 32", rh),
+        v("conn/s, concurrency 32", direct),
+        v("machine CPU per connection, concurrency 32", direct),
+        v("machine CPU per connection, concurrency 32", rh),
+        v("machine CPU per connection, concurrency 32", db),
+    ) {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        // Share of all cores kept busy: rate × CPU per connection.
+        let busy = |rate: f64, us: f64| 100.0 * rate * us / (cores * 1e6);
+        let asks = r / 2.0;
+        let _ = writeln!(
+            out,
+            "- new connections/s ≥2x rathole, concurrency 32 ({:.0}/s): the load keeps the \
+             cores busy (direct {:.0}%, rathole {:.0}% of all {cores:.0}), so the rate is the \
+             machine's CPU divided by what one connection costs it (all processes, kernel \
+             included). Direct, where only the load generator and the echo server work, one \
+             connection costs {d:.0} µs; through rathole {r:.0} µs; through dialback tokio \
+             {t:.0} µs. A tunnel runs that same client and server and its relays besides, so it \
+             costs at least {d:.0} µs; twice rathole's rate needs at most {asks:.0} µs: {}.",
+            2.0 * rate,
+            busy(direct_rate, d),
+            busy(rate, r),
+            reach(asks, d)
+        );
+    }
+    if let (Some(rate), Some(open_db), Some(open_rh), Some(open_d)) = (
+        v("conn/s, concurrency 1", rh),
+        v("round trip on an open connection, p50", db),
+        v("round trip on an open connection, p50", rh),
+        v("round trip on an open connection, p50", direct),
+    ) {
+        let asks = 1e6 / (2.0 * rate);
+        let _ = writeln!(
+            out,
+            "- new connections/s ≥2x rathole, concurrency 1 ({:.0}/s): one connection at a time, \
+             that leaves {asks:.0} µs per connection for connecting, the 16-byte round trip and \
+             closing together. The round trip alone, on a connection already open through the \
+             tunnel, takes {open_db:.0} µs through dialback and {open_rh:.0} µs through rathole \
+             ({open_d:.0} µs direct): each relay must wake up and pass the bytes on, both ways. \
+             {} (the floor is the faster tunnel's round trip).",
+            2.0 * rate,
+            reach(asks, open_db.min(open_rh))
+        );
+    }
+    if let (Some(first_d), Some(open_db), Some(open_rh)) = (
+        v("p50, concurrency 1", direct),
+        v("round trip on an open connection, p50", db),
+        v("round trip on an open connection, p50", rh),
+    ) {
+        let asks = 1.5 * first_d;
+        let floor = open_db.min(open_rh);
+        let _ = writeln!(
+            out,
+            "- pooled connect-to-first-byte p50 ≤1.5x direct: direct takes {first_d:.0} µs, so \
+             the target asks for {asks:.0} µs. A round trip on a tunneled connection that is \
+             already open, with nothing left to set up, takes {floor:.0} µs ({:.2}x direct's \
+             connect-to-first-byte): {}.",
+            floor / first_d,
+            reach(asks, floor)
+        );
+    }
+    out
+}
+
 // ---------------------------------------------------------------- chart
 
 /// One bar: label, ratio (dialback / peer, higher is better), target (if any).
@@ -1401,8 +1573,9 @@ fn raise_fd_limit() {
     }
 }
 
-/// 10,000, or as many as this process can hold (each held connection costs it two
-/// descriptors: the client's and the echo server's) under its open-file limit.
+/// 10,000, or as many as the open-file limit lets every process hold: a held connection costs
+/// a relay two descriptors on each side (rathole's server and client likewise), and the limit
+/// cannot be raised past the hard limit without CAP_SYS_RESOURCE.
 fn many_conns_allowed() -> usize {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -1423,10 +1596,48 @@ fn many_conns_allowed() -> usize {
     n
 }
 
+fn serve_echo(at: SocketAddr) -> i32 {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("echo server: tokio runtime: {e}");
+            return 1;
+        }
+    };
+    rt.block_on(async {
+        match TcpListener::bind(at).await {
+            Ok(l) => {
+                echo_server(l).await;
+                0
+            }
+            Err(e) => {
+                eprintln!("echo server: cannot listen on {at}: {e}");
+                1
+            }
+        }
+    })
+}
+
 fn main() {
     start_time();
     raise_fd_limit();
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [flag, at] = args.as_slice() {
+        if flag == "--echo-server" {
+            // The private echo service, started by the harness itself as a separate process.
+            let code = match at.parse::<SocketAddr>() {
+                Ok(at) => serve_echo(at),
+                Err(e) => {
+                    eprintln!("--echo-server {at}: {e}");
+                    2
+                }
+            };
+            std::process::exit(code);
+        }
+    }
     let mut smoke = false;
     let mut out_path = PathBuf::from("bench/RESULTS.md");
     let mut it = args.iter();
@@ -1523,16 +1734,29 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
         first_line(Command::new("rustc").arg("--version")),
     ];
 
-    // Private services: one echo server (in this process) and one iperf3 server.
-    let echo_listener = match TcpListener::bind("127.0.0.1:0").await {
-        Ok(l) => l,
+    // Private services: an echo server and an iperf3 server, each a process of its own, as a
+    // service is: an echo task inside the load generator's runtime would answer without any
+    // process waking up, a baseline no real client and server have.
+    let echo_port = free_port();
+    let _echo_srv = match std::env::current_exe()
+        .map_err(|e| format!("echo server: {e}"))
+        .and_then(|me| {
+            Proc::spawn(
+                "echo server",
+                Command::new(me).args(["--echo-server", &format!("127.0.0.1:{echo_port}")]),
+                &dir.join("echo-server.log"),
+            )
+        }) {
+        Ok(p) => p,
         Err(e) => {
-            eprintln!("bind echo: {e}");
+            eprintln!("{e}");
             return 1;
         }
     };
-    let echo_port = echo_listener.local_addr().map(|a| a.port()).unwrap_or(0);
-    let echo_task = tokio::spawn(echo_server(echo_listener));
+    if !wait_ready(addr(echo_port), Duration::from_secs(10)).await {
+        eprintln!("the echo server did not answer on 127.0.0.1:{echo_port} within 10 s");
+        return 1;
+    }
     let iperf_port = free_port();
     let iperf_srv = match Proc::spawn(
         "iperf3 server",
@@ -1672,7 +1896,6 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
     let db = &runtimes[0].1;
     drop(iperf_srv);
     drop(nginx);
-    echo_task.abort();
 
     let mut systems: Vec<(&str, &Results)> = vec![("direct", &direct)];
     for (name, r) in &runtimes {
@@ -1747,9 +1970,15 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
          direct or through the public port; {} s per run, 1 and 4 streams; receiver bits/s \
          from `-J`.\n\
          - new connections: the harness's tokio load generator (connect, send 16 bytes, read \
-         the 16-byte echo, close) against an in-process echo server; concurrency 1 and 32, \
+         the 16-byte echo, close) against an echo server, a process of its own (the harness \
+         binary with `--echo-server`); concurrency 1 and 32, \
          {:?} or {} connections per run, whichever ends first; latency is connect start to the \
-         echoed bytes.\n\
+         echoed bytes. Machine CPU per connection: the busy time of every core during the run \
+         (user, kernel and interrupts, from /proc/stat) divided by its connections; the other \
+         systems stay up, idle.\n\
+         - round trip on an open connection: one connection, then 16-byte round trips on it for \
+         {:?} (at most {} of them): what the relays add to every exchange once a connection \
+         stands.\n\
          - HTTP: wrk -t2 -c32, {} s per run, against nginx serving a 1 KiB page.\n\
          - memory: VmRSS from /proc/PID/status at idle (after one round trip), while holding \
          {} idle connections (each with one completed round trip), and 3 s after closing \
@@ -1761,7 +1990,14 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
          differ only in `--runtime`. rathole uses its tcp transport, RUST_LOG=warn.\n\
          - encrypted: dialback with `data_tls = true` (rustls, TLS 1.3, user-space copies; no \
          kernel TLS on this kernel) against rathole's noise transport (keys from `--genkey`).\n",
-        plan.rounds, plan.iperf_secs, plan.conn_dur, plan.conn_max, plan.wrk_secs, plan.idle_conns
+        plan.rounds,
+        plan.iperf_secs,
+        plan.conn_dur,
+        plan.conn_max,
+        plan.conn_dur,
+        plan.conn_max,
+        plan.wrk_secs,
+        plan.idle_conns
     );
     let _ = writeln!(md, "## Results\n\n### Plain data channel\n\n{tbl}");
     let _ = writeln!(
@@ -1816,6 +2052,15 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
         .unwrap_or_default();
     let _ = writeln!(md, "![dialback relative to rathole]({chart_name})\n");
     let _ = writeln!(md, "\n## Targets\n\n{tgt}");
+    let bnd = bounds(&rows);
+    if !bnd.is_empty() {
+        let _ = writeln!(
+            md,
+            "## What bounds the connection targets\n\n\
+             Floors that no tunnel with two relays gets under on this machine, from figures of \
+             this run:\n\n{bnd}"
+        );
+    }
     let _ = writeln!(md, "## Exact commands\n\n```");
     for c in &cmds {
         let _ = writeln!(md, "{c}");
