@@ -131,6 +131,27 @@ fn anon_kb(pid: u32) -> Option<u64> {
     status_kb(pid, "RssAnon:")
 }
 
+/// CPU time (user + system) a process has used so far, in µs.
+fn cpu_us(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: the fields counted here start after its ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (tick > 0).then(|| ticks * 1_000_000 / tick as u64)
+}
+
+/// CPU time of all of a system's own processes (none for direct), in µs.
+fn procs_cpu_us(sys: &Running) -> Option<u64> {
+    if sys.procs.is_empty() {
+        return None;
+    }
+    sys.procs.iter().map(|(_, p)| cpu_us(p.pid())).sum()
+}
+
 fn first_line(cmd: &mut Command) -> String {
     match run_bounded(cmd, Duration::from_secs(10)) {
         Ok((_, out)) => out.lines().next().unwrap_or("").trim().to_string(),
@@ -205,7 +226,8 @@ async fn wait_ready(target: SocketAddr, limit: Duration) -> bool {
 
 // ---------------------------------------------------------------- iperf3
 
-fn iperf(port: u16, streams: u32, secs: u32) -> Result<f64, String> {
+/// (receiver bits/s, bytes received)
+fn iperf(port: u16, streams: u32, secs: u32) -> Result<(f64, f64), String> {
     let mut last = String::new();
     for _attempt in 0..3 {
         let mut cmd = Command::new("iperf3");
@@ -221,8 +243,11 @@ fn iperf(port: u16, streams: u32, secs: u32) -> Result<f64, String> {
                         continue;
                     }
                 };
-                if let Some(bps) = v["end"]["sum_received"]["bits_per_second"].as_f64() {
-                    return Ok(bps);
+                let sum = &v["end"]["sum_received"];
+                if let (Some(bps), Some(bytes)) =
+                    (sum["bits_per_second"].as_f64(), sum["bytes"].as_f64())
+                {
+                    return Ok((bps, bytes));
                 }
                 last = v["error"].as_str().unwrap_or("no sum_received").to_string();
             }
@@ -518,6 +543,9 @@ struct Results {
     note: String,
     tput1: Option<f64>,
     tput4: Option<f64>,
+    /// The system's own processes' CPU per GB moved by iperf3 (1 and 4 streams), ms.
+    tput1_cpu: Option<f64>,
+    tput4_cpu: Option<f64>,
     c1: Option<ConnStats>,
     c32: Option<ConnStats>,
     /// Machine CPU (all cores, kernel included) per connection at concurrency 1 and 32, µs.
@@ -559,6 +587,8 @@ struct System {
     idle_anon: Vec<Option<u64>>,
     tput1: Vec<f64>,
     tput4: Vec<f64>,
+    tput1_cpu: Vec<f64>,
+    tput4_cpu: Vec<f64>,
     c1: Vec<ConnStats>,
     c32: Vec<ConnStats>,
     c1_cpu: Vec<f64>,
@@ -582,6 +612,8 @@ impl System {
             idle_anon: Vec::new(),
             tput1: Vec::new(),
             tput4: Vec::new(),
+            tput1_cpu: Vec::new(),
+            tput4_cpu: Vec::new(),
             c1: Vec::new(),
             c32: Vec::new(),
             c1_cpu: Vec::new(),
@@ -670,15 +702,27 @@ async fn sample(s: &mut System, metric: Metric, plan: &Plan, round: usize) {
                 plan.iperf_secs
             ));
             let (port, secs) = (sys.iperf, plan.iperf_secs);
+            let cpu_before = procs_cpu_us(sys);
             match tokio::task::spawn_blocking(move || iperf(port, streams, secs)).await {
-                Ok(Ok(bps)) => {
-                    progress(&format!("{name}:   {:.2} Gbit/s", bps / 1e9));
-                    if streams == 1 {
-                        &mut s.tput1
+                Ok(Ok((bps, bytes))) => {
+                    let per_gb = match (cpu_before, procs_cpu_us(sys)) {
+                        (Some(a), Some(b)) if bytes > 0.0 => {
+                            Some(b.saturating_sub(a) as f64 / 1e3 / (bytes / 1e9))
+                        }
+                        _ => None,
+                    };
+                    progress(&format!(
+                        "{name}:   {:.2} Gbit/s{}",
+                        bps / 1e9,
+                        per_gb.map_or(String::new(), |c| format!(", relay CPU {c:.0} ms per GB"))
+                    ));
+                    let (tput, cpu) = if streams == 1 {
+                        (&mut s.tput1, &mut s.tput1_cpu)
                     } else {
-                        &mut s.tput4
-                    }
-                    .push(bps);
+                        (&mut s.tput4, &mut s.tput4_cpu)
+                    };
+                    tput.push(bps);
+                    cpu.extend(per_gb);
                 }
                 Ok(Err(e)) => progress(&format!("{name}: iperf3 failed: {e}")),
                 Err(e) => progress(&format!("{name}: iperf3 task failed: {e}")),
@@ -833,6 +877,8 @@ async fn measure_all(systems: &mut [System], plan: &Plan) {
     for s in systems.iter_mut() {
         s.r.tput1 = median(s.tput1.iter().copied());
         s.r.tput4 = median(s.tput4.iter().copied());
+        s.r.tput1_cpu = median(s.tput1_cpu.iter().copied());
+        s.r.tput4_cpu = median(s.tput4_cpu.iter().copied());
         s.r.c1 = fold_conns(&s.c1);
         s.r.c32 = fold_conns(&s.c32);
         s.r.c1_cpu = median(s.c1_cpu.iter().copied());
@@ -941,6 +987,9 @@ fn table(sys: &[(&str, &Results)]) -> (String, Vec<Row>) {
     let us = |v: f64| format!("{v:.0} µs");
     num("iperf3 1 stream", &|r| r.tput1, &g);
     num("iperf3 4 streams", &|r| r.tput4, &g);
+    let ms = |v: f64| format!("{v:.0} ms");
+    num("relay CPU per GB, iperf3 1 stream", &|r| r.tput1_cpu, &ms);
+    num("relay CPU per GB, iperf3 4 streams", &|r| r.tput4_cpu, &ms);
     num(
         "conn/s, concurrency 1",
         &|r| r.c1.as_ref().map(|s| s.per_sec),
@@ -1968,7 +2017,12 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
          the median of the rounds (failed connections: the sum).\n\
          - throughput: iperf3 server on 127.0.0.1 as the private service; the client goes \
          direct or through the public port; {} s per run, 1 and 4 streams; receiver bits/s \
-         from `-J`.\n\
+         from `-J`. Relay CPU per GB: the user and system time of the system's own processes \
+         (dialback's gateway and agent, rathole's server and client) during the run, divided by \
+         the bytes moved; the iperf3 ends are not counted. On loopback the iperf3 client and \
+         server share the cores with the relays, so throughput also depends on what the relays \
+         leave them; this row is the relays' own cost, the figure that sets a gateway's \
+         throughput per core when the clients and services are other machines.\n\
          - new connections: the harness's tokio load generator (connect, send 16 bytes, read \
          the 16-byte echo, close) against an echo server, a process of its own (the harness \
          binary with `--echo-server`); concurrency 1 and 32, \
