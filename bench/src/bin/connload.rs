@@ -31,7 +31,9 @@ async fn main() {
                 eprintln!("cannot listen on {addr}: {e}");
                 std::process::exit(1)
             });
-        echo_server(l).await;
+        // On a worker thread: accepting in `block_on` (the main thread) would wake a
+        // second thread for every connection.
+        let _ = tokio::spawn(echo_server(l)).await;
         return;
     }
     if args.first().map(String::as_str) == Some("--open") {

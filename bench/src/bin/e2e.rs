@@ -1659,7 +1659,9 @@ fn serve_echo(at: SocketAddr) -> i32 {
     rt.block_on(async {
         match TcpListener::bind(at).await {
             Ok(l) => {
-                echo_server(l).await;
+                // On a worker thread: accepting in `block_on` (the main thread) would wake a
+                // second thread for every connection.
+                let _ = tokio::spawn(echo_server(l)).await;
                 0
             }
             Err(e) => {
