@@ -1645,7 +1645,7 @@ fn many_conns_allowed() -> usize {
     n
 }
 
-fn serve_echo(at: SocketAddr) -> i32 {
+fn serve_echo(at: &[SocketAddr]) -> i32 {
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -1657,18 +1657,22 @@ fn serve_echo(at: SocketAddr) -> i32 {
         }
     };
     rt.block_on(async {
-        match TcpListener::bind(at).await {
-            Ok(l) => {
+        let mut servers = Vec::new();
+        for &a in at {
+            match TcpListener::bind(a).await {
                 // On a worker thread: accepting in `block_on` (the main thread) would wake a
                 // second thread for every connection.
-                let _ = tokio::spawn(echo_server(l)).await;
-                0
-            }
-            Err(e) => {
-                eprintln!("echo server: cannot listen on {at}: {e}");
-                1
+                Ok(l) => servers.push(tokio::spawn(echo_server(l))),
+                Err(e) => {
+                    eprintln!("echo server: cannot listen on {a}: {e}");
+                    return 1;
+                }
             }
         }
+        for s in servers {
+            let _ = s.await;
+        }
+        0
     })
 }
 
@@ -1676,13 +1680,21 @@ fn main() {
     start_time();
     raise_fd_limit();
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if let [flag, at] = args.as_slice() {
+    if let [flag, at @ ..] = args.as_slice() {
         if flag == "--echo-server" {
             // The private echo service, started by the harness itself as a separate process.
-            let code = match at.parse::<SocketAddr>() {
-                Ok(at) => serve_echo(at),
+            let code = match at
+                .iter()
+                .map(|a| a.parse::<SocketAddr>().map_err(|e| format!("{a}: {e}")))
+                .collect::<Result<Vec<_>, _>>()
+            {
+                Ok(at) if !at.is_empty() => serve_echo(&at),
+                Ok(_) => {
+                    eprintln!("--echo-server needs at least one address");
+                    2
+                }
                 Err(e) => {
-                    eprintln!("--echo-server {at}: {e}");
+                    eprintln!("--echo-server {e}");
                     2
                 }
             };
@@ -1738,7 +1750,10 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
             iperf_secs: 2,
             wrk_secs: 4,
             conn_dur: Duration::from_millis(1500),
-            conn_max: 50_000,
+            // Well under the 28k ephemeral ports of a default Linux: a run that nearly
+            // exhausts them (direct loopback makes ~18k/s) measures the port search of
+            // connect(2), not the system.
+            conn_max: 12_000,
             idle_conns: 1000,
             many_conns: many_conns_allowed(),
         }
@@ -1788,13 +1803,20 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
     // Private services: an echo server and an iperf3 server, each a process of its own, as a
     // service is: an echo task inside the load generator's runtime would answer without any
     // process waking up, a baseline no real client and server have.
-    let echo_port = free_port();
+    //
+    // Each system gets a port of its own: a connection-rate run leaves tens of thousands of
+    // connections in TIME_WAIT towards the port it reached (nearly the whole ephemeral range),
+    // and a system whose agent then had to find free ports towards the same one would pay
+    // for the previous system's run.
+    let echo_ports: [u16; 6] = std::array::from_fn(|_| free_port());
     let _echo_srv = match std::env::current_exe()
         .map_err(|e| format!("echo server: {e}"))
         .and_then(|me| {
             Proc::spawn(
                 "echo server",
-                Command::new(me).args(["--echo-server", &format!("127.0.0.1:{echo_port}")]),
+                Command::new(me)
+                    .arg("--echo-server")
+                    .args(echo_ports.iter().map(|p| format!("127.0.0.1:{p}"))),
                 &dir.join("echo-server.log"),
             )
         }) {
@@ -1804,10 +1826,13 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
             return 1;
         }
     };
-    if !wait_ready(addr(echo_port), Duration::from_secs(10)).await {
-        eprintln!("the echo server did not answer on 127.0.0.1:{echo_port} within 10 s");
-        return 1;
+    for p in echo_ports {
+        if !wait_ready(addr(p), Duration::from_secs(10)).await {
+            eprintln!("the echo server did not answer on 127.0.0.1:{p} within 10 s");
+            return 1;
+        }
     }
+    let [echo_direct, echo_tokio, echo_uring, echo_rathole, echo_tls, echo_noise] = echo_ports;
     let iperf_port = free_port();
     let iperf_srv = match Proc::spawn(
         "iperf3 server",
@@ -1867,7 +1892,7 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
     let mut systems = vec![
         bring_up("direct", || {
             Ok(Running {
-                echo: addr(echo_port),
+                echo: addr(echo_direct),
                 iperf: iperf_port,
                 web: web_port.map(|p| format!("http://127.0.0.1:{p}/")),
                 web_prefix: None,
@@ -1876,7 +1901,7 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
         })
         .await,
     ];
-    for runtime in ["tokio", "uring"] {
+    for (runtime, echo_port) in [("tokio", echo_tokio), ("uring", echo_uring)] {
         let name = format!("dialback {runtime}");
         progress(&format!("{name}: starting gateway and agent"));
         systems.push(
@@ -1900,7 +1925,15 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
         Some(bin) => {
             progress("rathole: starting server and client");
             bring_up("rathole", || {
-                start_rathole(bin, &dir, false, echo_port, iperf_port, web_port, &mut cmds)
+                start_rathole(
+                    bin,
+                    &dir,
+                    false,
+                    echo_rathole,
+                    iperf_port,
+                    web_port,
+                    &mut cmds,
+                )
             })
             .await
         }
@@ -1915,7 +1948,7 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
                 &dir,
                 "tokio",
                 true,
-                echo_port,
+                echo_tls,
                 iperf_port,
                 None,
                 &mut cmds,
@@ -1927,7 +1960,7 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
         Some(bin) => {
             progress("rathole noise: starting server and client");
             bring_up("rathole noise", || {
-                start_rathole(bin, &dir, true, echo_port, iperf_port, None, &mut cmds)
+                start_rathole(bin, &dir, true, echo_noise, iperf_port, None, &mut cmds)
             })
             .await
         }
@@ -2027,7 +2060,9 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
          throughput per core when the clients and services are other machines.\n\
          - new connections: the harness's tokio load generator (connect, send 16 bytes, read \
          the 16-byte echo, close) against an echo server, a process of its own (the harness \
-         binary with `--echo-server`); concurrency 1 and 32, \
+         binary with `--echo-server`) listening on a port per system, so that the thousands of \
+         connections one run leaves in TIME_WAIT do not slow the next system's connects to the \
+         same port; concurrency 1 and 32, \
          {:?} or {} connections per run, whichever ends first; latency is connect start to the \
          echoed bytes. Machine CPU per connection: the busy time of every core during the run \
          (user, kernel and interrupts, from /proc/stat) divided by its connections; the other \
