@@ -152,3 +152,60 @@ fn stats(mut lat: Vec<Duration>, errors: u64, elapsed: Duration) -> ConnStats {
         p99_us: pct(0.99),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn echo() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = l.local_addr().unwrap();
+        tokio::spawn(echo_server(l));
+        at
+    }
+
+    #[tokio::test]
+    async fn open_round_trips_stay_on_one_connection_and_stop_at_max() {
+        let at = echo().await;
+        let s = open_round_trips(at, Duration::from_secs(5), 200).await;
+        assert_eq!((s.ok, s.errors), (200, 0));
+        assert!(
+            s.p50_us > 0.0 && s.p50_us <= s.p99_us,
+            "p50 {} p99 {}",
+            s.p50_us,
+            s.p99_us
+        );
+    }
+
+    #[tokio::test]
+    async fn a_server_that_hangs_up_is_counted_as_an_error_not_waited_for() {
+        // Accepts, reads the first round trip's bytes, answers them once, then closes: the
+        // second exchange must fail at once.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut b = [0u8; 16];
+            s.read_exact(&mut b).await.unwrap();
+            s.write_all(&b).await.unwrap();
+        });
+        let t0 = Instant::now();
+        let s = open_round_trips(at, Duration::from_secs(5), 100).await;
+        assert_eq!((s.ok, s.errors), (0, 1));
+        // A hang would last the 3 s timeout of an exchange.
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "took {:?}",
+            t0.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn conn_load_counts_every_connection_up_to_max() {
+        let at = echo().await;
+        let s = conn_load(at, 4, Duration::from_secs(5), 100).await;
+        assert_eq!(s.ok + s.errors, 100);
+        assert_eq!(s.errors, 0);
+        assert!(s.per_sec > 0.0);
+    }
+}
