@@ -338,12 +338,82 @@ fn start_nginx(dir: &Path, port: u16) -> Result<Proc, String> {
 
 struct Running {
     echo: SocketAddr,
+    /// 0: not measured for throughput (the bare relay pair).
     iperf: u16,
     /// The web service forwarded as a raw TCP port, and (dialback only) through `/~~web`.
     web: Option<String>,
     web_prefix: Option<String>,
     /// (role, process) pairs whose RSS is reported; empty for `direct`.
     procs: Vec<(String, Proc)>,
+}
+
+/// Two bare relays in a chain, each a process of its own (this binary with `--relay`): accept,
+/// connect onwards, copy both ways, nothing else: no authentication, no pool, no encryption.
+/// Measured for the connection figures only, as what the simplest tunnel of two relays costs.
+fn start_bare_pair(dir: &Path, echo: u16, cmds: &mut Vec<String>) -> Result<Running, String> {
+    let me = std::env::current_exe().map_err(|e| format!("bare relays: {e}"))?;
+    let (front, back) = (free_port(), free_port());
+    let relay = |name: &str, listen: u16, target: u16| {
+        Proc::spawn(
+            name,
+            Command::new(&me).args([
+                "--relay",
+                &format!("127.0.0.1:{listen}"),
+                &format!("127.0.0.1:{target}"),
+            ]),
+            &dir.join(format!("{}.log", name.replace(' ', "-"))),
+        )
+    };
+    let b = relay("bare relay 2", back, echo)?;
+    let f = relay("bare relay 1", front, back)?;
+    cmds.push(format!(
+        "e2e --relay 127.0.0.1:{back} 127.0.0.1:{echo}; e2e --relay 127.0.0.1:{front} 127.0.0.1:{back}"
+    ));
+    Ok(Running {
+        echo: addr(front),
+        iperf: 0,
+        web: None,
+        web_prefix: None,
+        procs: vec![("relay 1".into(), f), ("relay 2".into(), b)],
+    })
+}
+
+/// One bare relay (see [`start_bare_pair`]) on a single-threaded runtime, the cheapest way
+/// tokio has to wait for sockets.
+fn serve_relay(listen: SocketAddr, target: SocketAddr) -> i32 {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("relay: tokio runtime: {e}");
+            return 1;
+        }
+    };
+    rt.block_on(async {
+        let l = match TcpListener::bind(listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("relay: cannot listen on {listen}: {e}");
+                return 1;
+            }
+        };
+        loop {
+            let Ok((mut from, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let Ok(mut to) = TcpStream::connect(target).await else {
+                    return;
+                };
+                let _ = from.set_nodelay(true);
+                let _ = to.set_nodelay(true);
+                // Passes each EOF on as a half-close, as the tunnels do.
+                let _ = tokio::io::copy_bidirectional(&mut from, &mut to).await;
+            });
+        }
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -690,6 +760,9 @@ const METRICS: [Metric; 7] = [
 async fn sample(s: &mut System, metric: Metric, plan: &Plan, round: usize) {
     let Some(sys) = &s.sys else { return };
     let name = format!("{} (round {})", s.name, round + 1);
+    if sys.iperf == 0 && matches!(metric, Metric::Tput1 | Metric::Tput4) {
+        return;
+    }
     match metric {
         Metric::Tput1 | Metric::Tput4 => {
             let streams = if matches!(metric, Metric::Tput1) {
@@ -887,7 +960,10 @@ async fn measure_all(systems: &mut [System], plan: &Plan) {
         s.r.http_raw = fold_wrk(&s.http_raw);
         s.r.http_prefix = fold_wrk(&s.http_prefix);
         if let Some(sys) = s.sys.take() {
-            hold_and_release(&s.name, sys, plan, &mut s.r, &s.idle, &s.idle_anon).await;
+            // The bare relays serve the connection figures only.
+            if sys.iperf != 0 {
+                hold_and_release(&s.name, sys, plan, &mut s.r, &s.idle, &s.idle_anon).await;
+            }
         }
     }
 }
@@ -1322,9 +1398,10 @@ fn targets(rows: &[Row], rows_enc: &[Row], db: &Results) -> String {
 }
 
 /// The floors under the connection targets, from figures of the same run: what any tunnel
-/// (two relays and three TCP connections per client) must at least spend on this machine, set
-/// against what each target asks for.
-fn bounds(rows: &[Row]) -> String {
+/// (two relays and three TCP connections per client) must at least spend on this machine, and
+/// what the bare relay pair (`bare`: accept, connect onwards, copy, nothing else) spends, set
+/// against what each target asks for. `asks` is the most a target allows (CPU or time).
+fn bounds(rows: &[Row], bare: &Results) -> String {
     let n = rows.first().map_or(0, |r| r.2.len());
     if n < 3 {
         return String::new();
@@ -1335,13 +1412,20 @@ fn bounds(rows: &[Row]) -> String {
             .and_then(|r| r.2.get(i).copied().flatten())
     };
     let (direct, db, rh) = (0, 1, n - 1);
-    let reach = |asks: f64, floor: f64| {
-        if asks < floor {
-            "**out of reach on this machine**"
-        } else {
-            "within reach"
-        }
+    let bare = |f: &dyn Fn(&Results) -> Option<f64>| if bare.available { f(bare) } else { None };
+    let bare_c1 = bare(&|r| r.c1.as_ref().map(|s| s.per_sec));
+    let bare_first = bare(&|r| r.c1.as_ref().map(|s| s.p50_us));
+    let bare_c32_cpu = bare(&|r| r.c32_cpu);
+    let bare_open = bare(&|r| r.open.as_ref().map(|s| s.p50_us));
+    // Lower is better for both `asks` and the floors.
+    let verdict = |asks: f64, strict: f64, practical: Option<f64>| match practical {
+        _ if asks < strict => "**out of reach on this machine**",
+        Some(p) if asks < p => "**out of reach even for the bare relay pair**",
+        Some(_) => "within reach: the bare relay pair gets there",
+        None => "within reach of the floor",
     };
+    let shown =
+        |x: Option<f64>, unit: &str| x.map_or("–".to_string(), |x| format!("{x:.0} {unit}"));
     let mut out = String::new();
     if let (Some(rate), Some(direct_rate), Some(d), Some(r), Some(t)) = (
         v("conn/s, concurrency 32", rh),
@@ -1361,12 +1445,14 @@ fn bounds(rows: &[Row]) -> String {
              machine's CPU divided by what one connection costs it (all processes, kernel \
              included). Direct, where only the load generator and the echo server work, one \
              connection costs {d:.0} µs; through rathole {r:.0} µs; through dialback tokio \
-             {t:.0} µs. A tunnel runs that same client and server and its relays besides, so it \
-             costs at least {d:.0} µs; twice rathole's rate needs at most {asks:.0} µs: {}.",
+             {t:.0} µs; through the bare relay pair {}. A tunnel runs that same client and \
+             server and its relays besides, so it costs at least {d:.0} µs; twice rathole's rate \
+             needs at most {asks:.0} µs: {}.",
             2.0 * rate,
             busy(direct_rate, d),
             busy(rate, r),
-            reach(asks, d)
+            shown(bare_c32_cpu, "µs"),
+            verdict(asks, d, bare_c32_cpu)
         );
     }
     if let (Some(rate), Some(open_db), Some(open_rh), Some(open_d)) = (
@@ -1375,17 +1461,21 @@ fn bounds(rows: &[Row]) -> String {
         v("round trip on an open connection, p50", rh),
         v("round trip on an open connection, p50", direct),
     ) {
+        // As time per connection: 1 / rate.
         let asks = 1e6 / (2.0 * rate);
+        let floor = open_db.min(open_rh).min(bare_open.unwrap_or(f64::INFINITY));
         let _ = writeln!(
             out,
             "- new connections/s ≥2x rathole, concurrency 1 ({:.0}/s): one connection at a time, \
              that leaves {asks:.0} µs per connection for connecting, the 16-byte round trip and \
              closing together. The round trip alone, on a connection already open through the \
-             tunnel, takes {open_db:.0} µs through dialback and {open_rh:.0} µs through rathole \
-             ({open_d:.0} µs direct): each relay must wake up and pass the bytes on, both ways. \
-             {} (the floor is the faster tunnel's round trip).",
+             tunnel, takes {open_db:.0} µs through dialback, {open_rh:.0} µs through rathole and \
+             {} through the bare relay pair ({open_d:.0} µs direct): each relay must wake up and \
+             pass the bytes on, both ways. The bare relay pair makes {}: {}.",
             2.0 * rate,
-            reach(asks, open_db.min(open_rh))
+            shown(bare_open, "µs"),
+            shown(bare_c1, "connections/s"),
+            verdict(asks, floor, bare_c1.map(|c| 1e6 / c))
         );
     }
     if let (Some(first_d), Some(open_db), Some(open_rh)) = (
@@ -1394,15 +1484,17 @@ fn bounds(rows: &[Row]) -> String {
         v("round trip on an open connection, p50", rh),
     ) {
         let asks = 1.5 * first_d;
-        let floor = open_db.min(open_rh);
+        let floor = open_db.min(open_rh).min(bare_open.unwrap_or(f64::INFINITY));
         let _ = writeln!(
             out,
             "- pooled connect-to-first-byte p50 ≤1.5x direct: direct takes {first_d:.0} µs, so \
              the target asks for {asks:.0} µs. A round trip on a tunneled connection that is \
-             already open, with nothing left to set up, takes {floor:.0} µs ({:.2}x direct's \
-             connect-to-first-byte): {}.",
+             already open, with nothing left to set up, takes {floor:.0} µs at the least \
+             ({:.2}x direct's connect-to-first-byte); the bare relay pair's connect-to-first-byte \
+             is {}: {}.",
             floor / first_d,
-            reach(asks, floor)
+            shown(bare_first, "µs"),
+            verdict(asks, floor, bare_first)
         );
     }
     out
@@ -1680,6 +1772,18 @@ fn main() {
     start_time();
     raise_fd_limit();
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [flag, listen, target] = args.as_slice() {
+        if flag == "--relay" {
+            let code = match (listen.parse(), target.parse()) {
+                (Ok(l), Ok(t)) => serve_relay(l, t),
+                _ => {
+                    eprintln!("usage: e2e --relay LISTEN TARGET (two socket addresses)");
+                    2
+                }
+            };
+            std::process::exit(code);
+        }
+    }
     if let [flag, at @ ..] = args.as_slice() {
         if flag == "--echo-server" {
             // The private echo service, started by the harness itself as a separate process.
@@ -1808,7 +1912,7 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
     // connections in TIME_WAIT towards the port it reached (nearly the whole ephemeral range),
     // and a system whose agent then had to find free ports towards the same one would pay
     // for the previous system's run.
-    let echo_ports: [u16; 6] = std::array::from_fn(|_| free_port());
+    let echo_ports: [u16; 7] = std::array::from_fn(|_| free_port());
     let _echo_srv = match std::env::current_exe()
         .map_err(|e| format!("echo server: {e}"))
         .and_then(|me| {
@@ -1832,7 +1936,8 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
             return 1;
         }
     }
-    let [echo_direct, echo_tokio, echo_uring, echo_rathole, echo_tls, echo_noise] = echo_ports;
+    let [echo_direct, echo_tokio, echo_uring, echo_rathole, echo_tls, echo_noise, echo_bare] =
+        echo_ports;
     let iperf_port = free_port();
     let iperf_srv = match Proc::spawn(
         "iperf3 server",
@@ -1966,6 +2071,13 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
         }
         None => System::down("rathole noise", no_rathole()),
     });
+    progress("bare relay pair: starting two relays");
+    systems.push(
+        bring_up("bare relay pair", || {
+            start_bare_pair(&dir, echo_bare, &mut cmds)
+        })
+        .await,
+    );
     measure_all(&mut systems, &plan).await;
     let mut results = systems.into_iter().map(|s| (s.name, s.r));
     let mut next = || results.next().map(|(_, r)| r).unwrap_or_default();
@@ -1977,6 +2089,7 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
     let rh = next();
     let db_tls = next();
     let rh_noise = next();
+    let bare = next();
     let db = &runtimes[0].1;
     drop(iperf_srv);
     drop(nginx);
@@ -2143,13 +2256,16 @@ async fn run(smoke: bool, out_path: &Path) -> i32 {
         .unwrap_or_default();
     let _ = writeln!(md, "![dialback relative to rathole]({chart_name})\n");
     let _ = writeln!(md, "\n## Targets\n\n{tgt}");
-    let bnd = bounds(&rows);
+    let bnd = bounds(&rows, &bare);
     if !bnd.is_empty() {
         let _ = writeln!(
             md,
             "## What bounds the connection targets\n\n\
              Floors that no tunnel with two relays gets under on this machine, from figures of \
-             this run:\n\n{bnd}"
+             this run, and what the simplest such tunnel reaches: the bare relay pair, two \
+             processes of this harness (`--relay`) that accept, connect onwards and copy both \
+             ways on a single-threaded tokio runtime, with no authentication, no pool and no \
+             encryption, measured in the same rounds.\n\n{bnd}"
         );
     }
     let _ = writeln!(md, "## Exact commands\n\n```");
