@@ -166,7 +166,21 @@ mod tests {
 
     #[tokio::test]
     async fn open_round_trips_stay_on_one_connection_and_stop_at_max() {
-        let at = echo().await;
+        // Serves exactly one connection and then stops listening: a second connection would
+        // be refused and show as an error.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            drop(l);
+            let mut buf = [0u8; 64];
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => s.write_all(&buf[..n]).await.unwrap(),
+                }
+            }
+        });
         let s = open_round_trips(at, Duration::from_secs(5), 200).await;
         assert_eq!((s.ok, s.errors), (200, 0));
         assert!(
