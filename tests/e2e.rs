@@ -163,9 +163,11 @@ fn killed_agent_is_replaced_and_clients_see_a_clean_close() {
     wait_echo_works(public, STARTUP);
 
     first.kill9();
-    gw.proc.wait_for("session end", STARTUP, |l| {
+    // A killed agent says nothing: a lost agent is a warning.
+    let ended = gw.proc.wait_for("session end", STARTUP, |l| {
         message_contains(l, "agent session ended")
     });
+    assert_eq!(level(&ended).as_deref(), Some("WARN"), "{ended}");
     let _second = agent(&dir, &gw, "second.toml", &[("svc", PW, echo)]);
     gw.wait_registered("svc", 2);
     wait_echo_works(public, STARTUP);

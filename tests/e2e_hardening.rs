@@ -10,8 +10,8 @@ use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::{
-    agent_toml, echo_server, field, message_contains, message_is, wait_echo_works, Dir, Proc,
-    RunningGateway,
+    agent_toml, echo_server, field, level, message_contains, message_is, wait_echo_works, Dir,
+    Proc, RunningGateway,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -455,10 +455,16 @@ fn sigterm_on_the_agent_ends_its_sessions_and_lets_relays_finish() {
     agent.wait_for("agent drain start", WAIT, |l| {
         message_contains(l, "shutting down: control connections closed")
     });
-    // The gateway sees the agent go at once and sends it no new clients...
-    gw.proc.wait_for("session ended", WAIT, |l| {
+    // The gateway sees the agent go at once and sends it no new clients. The agent said it is
+    // shutting down, so that is routine (INFO), not a lost agent (WARN)...
+    let ended = gw.proc.wait_for("session ended", WAIT, |l| {
         message_contains(l, "agent session ended")
     });
+    assert_eq!(level(&ended).as_deref(), Some("INFO"), "{ended}");
+    assert!(
+        message_contains(&ended, "the agent is shutting down"),
+        "{ended}"
+    );
     // ...while the relay in progress keeps working.
     echo(&mut client, b"during the drain");
     client.shutdown(Shutdown::Write).unwrap();

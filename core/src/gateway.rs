@@ -107,6 +107,10 @@ pub enum GatewayEvent {
         service: String,
         session_id: u64,
         reason: String,
+        /// The agent ended the session in order: it said it is shutting down (ERROR
+        /// SHUTTING_DOWN), as when it stops or restarts. False for a lost connection, a
+        /// timeout or any other error.
+        orderly: bool,
     },
     /// A data connection asked for the pool did not arrive or was refused; the pool is refilled
     /// after `retry_in`.
@@ -1015,6 +1019,14 @@ impl Gateway {
                     }
                 }
             }
+            (_, Message::Error(e)) if e.code == ErrorCode::ShuttingDown => {
+                let reason = if e.message.is_empty() {
+                    "the agent is shutting down".to_string()
+                } else {
+                    format!("the agent is shutting down: {}", e.message)
+                };
+                self.drop_conn(conn, reason, true);
+            }
             (_, Message::Error(e)) => {
                 self.close(
                     conn,
@@ -1212,7 +1224,7 @@ impl Gateway {
             })
             .to_frame(),
         });
-        self.drop_conn(conn, "rejected".into());
+        self.drop_conn(conn, "rejected".into(), false);
     }
 
     /// Ends a control connection: tells the agent why when `code` is given, releases the
@@ -1244,10 +1256,10 @@ impl Gateway {
                     }));
             }
         }
-        self.drop_conn(conn, reason);
+        self.drop_conn(conn, reason, false);
     }
 
-    fn drop_conn(&mut self, conn: ConnId, reason: String) {
+    fn drop_conn(&mut self, conn: ConnId, reason: String, orderly: bool) {
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
@@ -1290,6 +1302,7 @@ impl Gateway {
                 service: session.service,
                 session_id: session.session_id,
                 reason,
+                orderly,
             }));
     }
 

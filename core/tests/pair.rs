@@ -902,6 +902,19 @@ impl Pair {
             .collect()
     }
 
+    /// For each SessionEnded of `conn`: whether it was orderly.
+    fn ended_orderly(&self, conn: ConnId) -> Vec<bool> {
+        self.gw_events
+            .iter()
+            .filter_map(|(_, e)| match e {
+                GatewayEvent::SessionEnded {
+                    conn: c, orderly, ..
+                } if *c == conn => Some(*orderly),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn rejected(&self, conn: ConnId) -> Vec<(Instant, Option<String>, ErrorCode)> {
         self.gw_events
             .iter()
@@ -3179,4 +3192,36 @@ fn a_direct_service_takes_no_agent_but_keeps_its_client_rules() {
         .gw
         .client_allowed(SERVICE, "198.51.100.1".parse().unwrap())
         .is_err());
+}
+
+/// An agent that says it is shutting down (ERROR SHUTTING_DOWN) ends its session as orderly;
+/// one whose connection just ends, or that sends another error, does not. Either way the
+/// service goes offline at once.
+#[test]
+fn an_agent_shutting_down_ends_its_session_as_orderly() {
+    for how in ["shutting down", "other error", "eof"] {
+        let mut p = Pair::simple(false);
+        let a = p.agent(SERVICE, password_key(), [9; 32]);
+        p.settle();
+        assert!(p.gw.is_online(SERVICE));
+        let conn = p.sides[a].conn;
+        match how {
+            "shutting down" => p.agent_close(a, ErrorCode::ShuttingDown),
+            "other error" => p.agent_close(a, ErrorCode::Internal),
+            _ => {
+                let now = p.now;
+                p.sides[a].up.send_eof(now);
+            }
+        }
+        p.settle();
+        assert_eq!(p.ended_orderly(conn), vec![how == "shutting down"], "{how}");
+        assert!(!p.gw.is_online(SERVICE), "{how}");
+        let reason = &p.session_ended(conn)[0].2;
+        let expected = match how {
+            "shutting down" => "the agent is shutting down",
+            "other error" => "agent sent error",
+            _ => "connection closed by the agent",
+        };
+        assert!(reason.starts_with(expected), "{how}: {reason}");
+    }
 }

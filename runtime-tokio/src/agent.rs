@@ -53,6 +53,7 @@ impl SessionEnd {
             }
             SessionEnd::Protocol(_) => "protocol",
             SessionEnd::Io(_) => "io",
+            SessionEnd::Stopping => "stopping",
         }
     }
 }
@@ -69,6 +70,10 @@ enum SessionEnd {
     Protocol(#[from] dialback_core::agent::AgentError),
     #[error("connection to the gateway lost: {0}")]
     Io(String),
+    /// The agent is stopping (a session that was registered told its gateway: ERROR
+    /// SHUTTING_DOWN).
+    #[error("the agent is stopping")]
+    Stopping,
 }
 
 struct Ctx {
@@ -82,7 +87,19 @@ struct Ctx {
     metrics: Arc<AgentMetrics>,
     /// Relays in progress; shutdown waits for them.
     drain: Arc<crate::drain::Drain>,
+    /// Becomes true when the agent stops: registered sessions tell the gateway so.
+    stopping: watch::Receiver<bool>,
 }
+
+/// Completes once the agent is stopping (at once if it already is).
+async fn stopped(stopping: &mut watch::Receiver<bool>) {
+    // An error means the sender is gone, which happens only as the agent ends.
+    let _ = stopping.wait_for(|s| *s).await;
+}
+
+/// How long a stopping agent gives its sessions to tell their gateways (ERROR SHUTTING_DOWN and
+/// the TLS close) before it drops them.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// On shutdown, how long relays in progress may take to finish.
 pub const AGENT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -112,6 +129,7 @@ pub async fn run_with_metrics(
     }
     let connector = tokio_rustls::TlsConnector::from(tls::client_config(&settings.trust)?);
     let drain = Arc::new(crate::drain::Drain::default());
+    let (stop_tx, stopping) = watch::channel(false);
     // One context per gateway: every service registers with each of them independently.
     let mut contexts = Vec::new();
     for gateway in &settings.gateways {
@@ -147,6 +165,7 @@ pub async fn run_with_metrics(
             proxies: settings.proxies.clone(),
             metrics: metrics.clone(),
             drain: drain.clone(),
+            stopping: stopping.clone(),
         }));
         if !settings.proxies.is_empty() {
             info!(
@@ -165,6 +184,7 @@ pub async fn run_with_metrics(
         );
     }
     let mut tasks = JoinSet::new();
+    let mut sessions = JoinSet::new();
     tasks.spawn(crate::drain::release_memory(drain.clone()));
     if let Some(addr) = settings.admin_listen {
         let l = tokio::net::TcpListener::bind(addr)
@@ -188,10 +208,18 @@ pub async fn run_with_metrics(
         for ctx in &contexts {
             let (ctx, svc, key) = (ctx.clone(), svc.clone(), key.clone());
             let (min, max) = (settings.reconnect_min, settings.reconnect_max);
-            tasks.spawn(async move { service_loop(ctx, svc, key, min, max).await });
+            sessions.spawn(async move { service_loop(ctx, svc, key, min, max).await });
         }
     }
     shutdown.await;
+    // Registered sessions say goodbye (the gateway then logs a routine end, not a lost agent);
+    // sessions still connecting or waiting to retry just stop.
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
+        while sessions.join_next().await.is_some() {}
+    })
+    .await;
+    sessions.abort_all();
     tasks.abort_all();
     let active = drain.active();
     info!(active, "shutting down: control connections closed; waiting up to {AGENT_DRAIN_TIMEOUT:?} for {active} relays to finish");
@@ -233,9 +261,13 @@ async fn service_loop(
     max: Duration,
 ) {
     let mut attempt: u32 = 0;
+    let mut stopping = ctx.stopping.clone();
     loop {
         let mut registered = false;
         let end = session(&ctx, &svc, &key, &mut registered).await;
+        if matches!(end, SessionEnd::Stopping) {
+            return;
+        }
         if registered {
             attempt = 0;
         }
@@ -264,7 +296,10 @@ async fn service_loop(
                 warn!(service = %svc.name, gateway = %ctx.gateway, attempt, "registration failed: {end}; retrying in {wait:.1?}")
             }
         }
-        tokio::time::sleep(wait).await;
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            () = stopped(&mut stopping) => return,
+        }
     }
 }
 
@@ -311,7 +346,13 @@ async fn session(
     key: &PasswordKey,
     registered: &mut bool,
 ) -> SessionEnd {
-    let stream = match dial(ctx, true).await {
+    let mut stopping = ctx.stopping.clone();
+    // Still connecting: nothing to tell the gateway when the agent stops.
+    let dialed = tokio::select! {
+        r = dial(ctx, true) => r,
+        () = stopped(&mut stopping) => return SessionEnd::Stopping,
+    };
+    let stream = match dialed {
         Ok(s) => s,
         Err(e) => return e,
     };
@@ -398,6 +439,18 @@ async fn session(
             },
             _ = tokio::time::sleep_until(deadline.into()) => ctrl.handle_timeout(Instant::now()),
             Some((id, code, msg)) = failed_rx.recv() => ctrl.connect_failed(Instant::now(), id, code, &msg),
+            () = stopped(&mut stopping) => {
+                // The code says it all: the gateway logs "the agent is shutting down".
+                ctrl.close(Instant::now(), ErrorCode::ShuttingDown, "");
+                let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
+                    while let Some(bytes) = ctrl.poll_transmit() {
+                        wr.write_all(&bytes).await?;
+                    }
+                    wr.shutdown().await
+                })
+                .await;
+                return SessionEnd::Stopping;
+            }
         }
     }
 }

@@ -237,13 +237,19 @@ impl Shared {
                 service,
                 session_id,
                 reason,
+                orderly,
             } => {
                 if let Some(m) = self.metrics.service(&service) {
                     m.agent_gone(session_id);
                 }
                 inner.registered.remove(&conn);
                 self.sync_pool(inner, &service);
-                warn!(conn = conn.0, %service, session = session_id, "agent session ended: {reason}");
+                // An agent that stops or restarts says so: that is routine, not a warning.
+                if orderly {
+                    info!(conn = conn.0, %service, session = session_id, "agent session ended: {reason}");
+                } else {
+                    warn!(conn = conn.0, %service, session = session_id, "agent session ended: {reason}");
+                }
             }
             GatewayEvent::PoolRequestFailed {
                 service,

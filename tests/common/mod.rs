@@ -187,6 +187,12 @@ pub fn field(line: &str, key: &str) -> Option<String> {
     })
 }
 
+/// The level of a JSON log line: "INFO", "WARN", ...
+pub fn level(line: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    v.get("level")?.as_str().map(str::to_owned)
+}
+
 pub fn message_is(line: &str, msg: &str) -> bool {
     field(line, "message").is_some_and(|m| m == msg)
 }
