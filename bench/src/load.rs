@@ -14,22 +14,25 @@ pub const PAYLOAD: [u8; 16] = *b"dialback-bench16";
 /// Echoes every connection's bytes back until it closes.
 pub async fn echo_server(listener: TcpListener) {
     loop {
-        let Ok((mut s, _)) = listener.accept().await else {
+        let Ok((s, _)) = listener.accept().await else {
             continue;
         };
-        tokio::spawn(async move {
-            let mut buf = [0u8; 4096];
-            loop {
-                match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => {
-                        if s.write_all(&buf[..n]).await.is_err() {
-                            return;
-                        }
-                    }
+        tokio::spawn(echo(s));
+    }
+}
+
+/// Echoes one connection's bytes back until it closes.
+pub async fn echo(mut s: TcpStream) {
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if s.write_all(&buf[..n]).await.is_err() {
+                    return;
                 }
             }
-        });
+        }
     }
 }
 
@@ -157,7 +160,7 @@ fn stats(mut lat: Vec<Duration>, errors: u64, elapsed: Duration) -> ConnStats {
 mod tests {
     use super::*;
 
-    async fn echo() -> SocketAddr {
+    async fn echo_at() -> SocketAddr {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let at = l.local_addr().unwrap();
         tokio::spawn(echo_server(l));
@@ -171,15 +174,9 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let at = l.local_addr().unwrap();
         tokio::spawn(async move {
-            let (mut s, _) = l.accept().await.unwrap();
+            let (s, _) = l.accept().await.unwrap();
             drop(l);
-            let mut buf = [0u8; 64];
-            loop {
-                match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => s.write_all(&buf[..n]).await.unwrap(),
-                }
-            }
+            echo(s).await;
         });
         let s = open_round_trips(at, Duration::from_secs(5), 200).await;
         assert_eq!((s.ok, s.errors), (200, 0));
@@ -216,7 +213,7 @@ mod tests {
 
     #[tokio::test]
     async fn conn_load_counts_every_connection_up_to_max() {
-        let at = echo().await;
+        let at = echo_at().await;
         let s = conn_load(at, 4, Duration::from_secs(5), 100).await;
         assert_eq!(s.ok + s.errors, 100);
         assert_eq!(s.errors, 0);

@@ -139,6 +139,11 @@ fn cpu_us(pid: u32) -> Option<u64> {
     let f: Vec<&str> = rest.split_whitespace().collect();
     // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
     let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    ticks_us(ticks)
+}
+
+/// Clock ticks (the unit of /proc's CPU times) in µs.
+fn ticks_us(ticks: u64) -> Option<u64> {
     // SAFETY: sysconf only reads a configuration value.
     let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     (tick > 0).then(|| ticks * 1_000_000 / tick as u64)
@@ -381,39 +386,33 @@ fn start_bare_pair(dir: &Path, echo: u16, cmds: &mut Vec<String>) -> Result<Runn
 /// One bare relay (see [`start_bare_pair`]) on a single-threaded runtime, the cheapest way
 /// tokio has to wait for sockets.
 fn serve_relay(listen: SocketAddr, target: SocketAddr) -> i32 {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("relay: tokio runtime: {e}");
-            return 1;
-        }
-    };
-    rt.block_on(async {
-        let l = match TcpListener::bind(listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("relay: cannot listen on {listen}: {e}");
-                return 1;
-            }
-        };
-        loop {
-            let Ok((mut from, _)) = l.accept().await else {
-                continue;
+    serve(
+        "relay",
+        tokio::runtime::Builder::new_current_thread(),
+        async {
+            let l = match TcpListener::bind(listen).await {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("relay: cannot listen on {listen}: {e}");
+                    return 1;
+                }
             };
-            tokio::spawn(async move {
-                let Ok(mut to) = TcpStream::connect(target).await else {
-                    return;
+            loop {
+                let Ok((mut from, _)) = l.accept().await else {
+                    continue;
                 };
-                let _ = from.set_nodelay(true);
-                let _ = to.set_nodelay(true);
-                // Passes each EOF on as a half-close, as the tunnels do.
-                let _ = tokio::io::copy_bidirectional(&mut from, &mut to).await;
-            });
-        }
-    })
+                tokio::spawn(async move {
+                    let Ok(mut to) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let _ = from.set_nodelay(true);
+                    let _ = to.set_nodelay(true);
+                    // Passes each EOF on as a half-close, as the tunnels do.
+                    let _ = tokio::io::copy_bidirectional(&mut from, &mut to).await;
+                });
+            }
+        },
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -892,9 +891,7 @@ fn machine_busy_us() -> Option<u64> {
         .filter(|(i, _)| *i != 3 && *i != 4 && *i < 8)
         .map(|(_, v)| v)
         .sum();
-    // SAFETY: sysconf only reads a configuration value.
-    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    (tick > 0).then(|| busy * 1_000_000 / tick as u64)
+    ticks_us(busy)
 }
 
 /// The median (the upper one of an even count); `None` without samples.
@@ -1412,11 +1409,11 @@ fn bounds(rows: &[Row], bare: &Results) -> String {
             .and_then(|r| r.2.get(i).copied().flatten())
     };
     let (direct, db, rh) = (0, 1, n - 1);
-    let bare = |f: &dyn Fn(&Results) -> Option<f64>| if bare.available { f(bare) } else { None };
-    let bare_c1 = bare(&|r| r.c1.as_ref().map(|s| s.per_sec));
-    let bare_first = bare(&|r| r.c1.as_ref().map(|s| s.p50_us));
-    let bare_c32_cpu = bare(&|r| r.c32_cpu);
-    let bare_open = bare(&|r| r.open.as_ref().map(|s| s.p50_us));
+    let of_bare = |f: &dyn Fn(&Results) -> Option<f64>| if bare.available { f(bare) } else { None };
+    let bare_c1 = of_bare(&|r| r.c1.as_ref().map(|s| s.per_sec));
+    let bare_first = of_bare(&|r| r.c1.as_ref().map(|s| s.p50_us));
+    let bare_c32_cpu = of_bare(&|r| r.c32_cpu);
+    let bare_open = of_bare(&|r| r.open.as_ref().map(|s| s.p50_us));
     // Lower is better for both `asks` and the floors.
     let verdict = |asks: f64, strict: f64, practical: Option<f64>| match practical {
         _ if asks < strict => "**out of reach on this machine**",
@@ -1737,35 +1734,45 @@ fn many_conns_allowed() -> usize {
     n
 }
 
-fn serve_echo(at: &[SocketAddr]) -> i32 {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
+/// Runs `service` (one of the harness's own helper processes) to its exit status on a runtime
+/// from `builder`.
+fn serve(
+    what: &str,
+    mut builder: tokio::runtime::Builder,
+    service: impl std::future::Future<Output = i32>,
+) -> i32 {
+    match builder.enable_all().build() {
+        Ok(rt) => rt.block_on(service),
         Err(e) => {
-            eprintln!("echo server: tokio runtime: {e}");
-            return 1;
+            eprintln!("{what}: tokio runtime: {e}");
+            1
         }
-    };
-    rt.block_on(async {
-        let mut servers = Vec::new();
-        for &a in at {
-            match TcpListener::bind(a).await {
-                // On a worker thread: accepting in `block_on` (the main thread) would wake a
-                // second thread for every connection.
-                Ok(l) => servers.push(tokio::spawn(echo_server(l))),
-                Err(e) => {
-                    eprintln!("echo server: cannot listen on {a}: {e}");
-                    return 1;
+    }
+}
+
+fn serve_echo(at: &[SocketAddr]) -> i32 {
+    serve(
+        "echo server",
+        tokio::runtime::Builder::new_multi_thread(),
+        async {
+            let mut servers = Vec::new();
+            for &a in at {
+                match TcpListener::bind(a).await {
+                    // On a worker thread: accepting in `block_on` (the main thread) would wake a
+                    // second thread for every connection.
+                    Ok(l) => servers.push(tokio::spawn(echo_server(l))),
+                    Err(e) => {
+                        eprintln!("echo server: cannot listen on {a}: {e}");
+                        return 1;
+                    }
                 }
             }
-        }
-        for s in servers {
-            let _ = s.await;
-        }
-        0
-    })
+            for s in servers {
+                let _ = s.await;
+            }
+            0
+        },
+    )
 }
 
 fn main() {
